@@ -1,0 +1,1 @@
+"""TOML presets of mxfx (installed as mxfx.configs)."""

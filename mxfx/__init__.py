@@ -1,0 +1,19 @@
+"""mxfx: a PyTorch 2 graph-mode quantizer for the OCP Microscaling (MX) formats."""
+
+from mxfx import ops  # noqa: F401  (registers the torch.ops.mxfx namespace)
+from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
+from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
+
+__all__ = [
+    "FORMATS",
+    "ArchiveError",
+    "ConfigError",
+    "ElementFormat",
+    "ExportError",
+    "FormatError",
+    "MXFXError",
+    "MXTypeError",
+    "MXValueError",
+    "format_table",
+    "get_format",
+]

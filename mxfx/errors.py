@@ -1,0 +1,35 @@
+"""The mxfx exception family: every error mxfx raises on purpose is an `MXFXError`.
+
+Each subclass also derives from the built-in exception a Python user would expect
+(`ValueError`, `TypeError`, ...), so existing `except ValueError` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MXFXError(Exception):
+    """Base class of every error mxfx raises on purpose."""
+
+
+class FormatError(MXFXError, ValueError):
+    """An unknown element format, scale mode or rounding mode."""
+
+
+class MXValueError(MXFXError, ValueError):
+    """An argument with the right type but an unusable value (block size, axis, shape)."""
+
+
+class MXTypeError(MXFXError, TypeError):
+    """An argument of the wrong type (an integer tensor, a non-MX operand, ...)."""
+
+
+class ConfigError(MXFXError, ValueError):
+    """A quantization config that cannot be used (unknown key, bad regex, bad value)."""
+
+
+class ExportError(MXFXError, RuntimeError):
+    """torch.export could not trace the model; the message says why and what to try."""
+
+
+class ArchiveError(MXFXError, ValueError):
+    """A file that is not a readable mxfx / torch.export archive."""

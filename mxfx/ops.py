@@ -1,0 +1,210 @@
+"""The `mxfx` custom ops (torch.library namespace `mxfx`).
+
+Each op's eager kernel is the reference math of `mxfx.numerics`; the same function is registered
+as its Inductor decomposition, so `torch.compile` fuses it into generated kernels while
+`torch.export` keeps the op visible by name. Codes and scales cross op boundaries as uint8.
+
+Autograd: `fake_quantize` has a straight-through estimator (identity gradient); the other ops are
+inference only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mxfx import _compat
+from mxfx.formats import get_format
+from mxfx.numerics import (
+    dequantize_last_axis,
+    fake_quantize_last_axis,
+    packed_length,
+    quantize_last_axis,
+)
+
+
+def _quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    codes, scales = quantize_last_axis(
+        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals
+    )
+    return codes.contiguous(), scales.contiguous()
+
+
+@torch.library.custom_op("mxfx::quantize", mutates_args=())
+def quantize(
+    x: Tensor,
+    elem_format: str,
+    block_size: int,
+    axis: int,
+    scale_mode: str,
+    rounding: str,
+    seed: int,
+    flush_subnormals: bool,
+) -> tuple[Tensor, Tensor]:
+    """Quantize `x` to MX blocks along `axis`.
+
+    Returns (codes, scales), both uint8, laid out with `axis` moved last: codes packed along it
+    (fp4 two per byte, fp6 four per three bytes), one E8M0 scale code per block.
+    """
+    return _quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals)
+
+
+@quantize.register_fake
+def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    fmt = get_format(elem_format)
+    shape = list(x.shape)
+    n = shape.pop(axis)
+    n_blocks = (n + block_size - 1) // block_size
+    codes = x.new_empty((*shape, packed_length(n_blocks * block_size, fmt)), dtype=torch.uint8)
+    return codes, x.new_empty((*shape, n_blocks), dtype=torch.uint8)
+
+
+def _moved_shape(shape, axis):
+    moved = list(shape)
+    n = moved.pop(axis)
+    return moved, n
+
+
+def _dequantize_impl(codes, scales, elem_format, block_size, axis, shape, dtype):
+    _, n = _moved_shape(shape, axis)
+    out = dequantize_last_axis(codes, scales, elem_format, block_size, n, dtype)
+    return out.movedim(-1, axis % len(shape)).contiguous()
+
+
+@torch.library.custom_op("mxfx::dequantize", mutates_args=())
+def dequantize(
+    codes: Tensor,
+    scales: Tensor,
+    elem_format: str,
+    block_size: int,
+    axis: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Decode MX (codes, scales) from `mxfx::quantize` back to a tensor of `shape` and `dtype`."""
+    return _dequantize_impl(codes, scales, elem_format, block_size, axis, shape, dtype)
+
+
+@dequantize.register_fake
+def _(codes, scales, elem_format, block_size, axis, shape, dtype):
+    return codes.new_empty(shape, dtype=dtype)
+
+
+def _fake_quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    out = fake_quantize_last_axis(
+        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals
+    )
+    return out.movedim(-1, axis).contiguous()
+
+
+@torch.library.custom_op("mxfx::fake_quantize", mutates_args=())
+def fake_quantize(
+    x: Tensor,
+    elem_format: str,
+    block_size: int,
+    axis: int,
+    scale_mode: str,
+    rounding: str,
+    seed: int,
+    flush_subnormals: bool,
+) -> Tensor:
+    """MX quantize then dequantize along `axis`, in x's dtype (straight-through gradient)."""
+    return _fake_quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals)
+
+
+@fake_quantize.register_fake
+def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _straight_through(ctx, grad):
+    return grad, None, None, None, None, None, None, None
+
+
+fake_quantize.register_autograd(_straight_through)
+
+
+def _linear_impl(
+    x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
+    act_format, act_block_size, act_scale_mode, act_rounding,
+):
+    if act_format:
+        x = fake_quantize_last_axis(x, act_format, act_block_size, act_scale_mode, act_rounding)
+    weight = dequantize_last_axis(weight_codes, weight_scales, weight_format, weight_block_size, in_features, x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("mxfx::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    weight_codes: Tensor,
+    weight_scales: Tensor,
+    bias: Optional[Tensor],
+    weight_format: str,
+    weight_block_size: int,
+    in_features: int,
+    act_format: str,
+    act_block_size: int,
+    act_scale_mode: str,
+    act_rounding: str,
+) -> Tensor:
+    """`F.linear` with an MX weight (codes/scales blocked along in_features) and, unless
+    `act_format` is "", MX fake-quantized activations (blocked along in_features).
+
+    The GEMM runs in x's dtype on the dequantized operands. Inference only.
+    """
+    return _linear_impl(
+        x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
+        act_format, act_block_size, act_scale_mode, act_rounding,
+    )
+
+
+@linear.register_fake
+def _(x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
+      act_format, act_block_size, act_scale_mode, act_rounding):
+    return x.new_empty((*x.shape[:-1], weight_scales.shape[0]))
+
+
+def _matmul_impl(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):
+    a = dequantize_last_axis(a_codes, a_scales, a_format, a_block_size, k, torch.float32)
+    b = dequantize_last_axis(b_codes, b_scales, b_format, b_block_size, k, torch.float32)
+    return torch.matmul(a, b.transpose(-1, -2)).to(dtype)
+
+
+@torch.library.custom_op("mxfx::matmul", mutates_args=())
+def matmul(
+    a_codes: Tensor,
+    a_scales: Tensor,
+    a_format: str,
+    a_block_size: int,
+    b_codes: Tensor,
+    b_scales: Tensor,
+    b_format: str,
+    b_block_size: int,
+    k: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """A @ B for MX operands, both blocked along the reduction axis K (OCP MX v1.0 §6.2).
+
+    a: (..., M, K) stored as codes (..., M, packed K); b: (..., K, N) stored with K moved last,
+    codes (..., N, packed K). Batch dims broadcast. FP32 accumulation; result in `dtype`.
+    """
+    return _matmul_impl(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype)
+
+
+@matmul.register_fake
+def _(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):
+    batch = torch.broadcast_shapes(a_scales.shape[:-2], b_scales.shape[:-2])
+    return a_codes.new_empty((*batch, a_scales.shape[-2], b_scales.shape[-2]), dtype=dtype)
+
+
+for _op, _impl in (
+    (torch.ops.mxfx.quantize.default, _quantize_impl),
+    (torch.ops.mxfx.dequantize.default, _dequantize_impl),
+    (torch.ops.mxfx.fake_quantize.default, _fake_quantize_impl),
+    (torch.ops.mxfx.linear.default, _linear_impl),
+    (torch.ops.mxfx.matmul.default, _matmul_impl),
+):
+    _compat.register_inductor_decomposition(_op, _impl)

@@ -1,0 +1,1 @@
+"""FX passes of mxfx (installed as mxfx.passes)."""
