@@ -1,10 +1,17 @@
 """mxfx: a PyTorch 2 graph-mode quantizer for the OCP Microscaling (MX) formats."""
 
 from mxfx import ops  # noqa: F401  (registers the torch.ops.mxfx namespace)
+from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
 from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 
 __all__ = [
+    "MXData",
+    "dequantize",
+    "fake_quantize",
+    "linear",
+    "matmul",
+    "quantize",
     "FORMATS",
     "ArchiveError",
     "ConfigError",

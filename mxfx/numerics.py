@@ -65,8 +65,10 @@ def shared_exponent(amax_bits: Tensor, fmt: ElementFormat, scale_mode: str) -> T
     elif scale_mode == "even":
         # Round amax to the element's mantissa width (add half an element ulp, drop the fp32
         # mantissa), then apply the floor rule: torchao's ScaleCalculationMode.EVEN.
+        # An fp32-subnormal amax skips the rounding (documented choice; it only matters for
+        # INT8, whose emax is 0: every other format clamps such blocks to 2^-127 anyway).
         rounded = (amax_bits + (1 << (22 - fmt.mbits))) & 0x7F800000
-        exp = (rounded >> 23) - 127 - fmt.emax
+        exp = torch.where(efield == 0, 0, rounded >> 23) - 127 - fmt.emax
     elif scale_mode == "rceil":
         # X = 2^ceil(log2(amax / max_normal)) (cuBLAS UE8M0 recipe); the fp32 quotient is rounded,
         # its ceil-log2 is then taken exactly from its bits.
@@ -114,16 +116,24 @@ def encode_elements(
         # The element's binade, floored at its smallest normal one (subnormals share it).
         quantum_exp = ((magnitude_bits >> 23) - 127).clamp(min=fmt.emin) - fmt.mbits
     multiple = magnitude * _pow2(-quantum_exp)  # exact: a power-of-two scaling
+    # The fraction is split off exactly (multiple - trunc is exact in fp32); comparing it, rather
+    # than adding 0.5 or a random number to `multiple`, avoids a second fp32 rounding.
+    whole = torch.trunc(multiple)
+    fraction = multiple - whole
     if rounding == "even":
         rounded = torch.round(multiple)  # round half to even
     elif rounding == "away":
-        rounded = torch.floor(multiple + 0.5)  # exact: multiple < 2^(mbits + 2)
+        rounded = whole + (fraction >= 0.5).to(torch.float32)
     elif rounding == "toward_zero":
-        rounded = torch.trunc(multiple)
+        rounded = whole
     elif rounding == "stochastic":
-        rounded = torch.floor(multiple + _uniform_hash(tuple(multiple.shape), seed, multiple.device))
+        # Up with probability `fraction` (to 2^-24): u < fraction for u uniform on a 2^-24 grid.
+        uniform = _uniform_hash(tuple(multiple.shape), seed, multiple.device)
+        rounded = whole + (uniform < fraction).to(torch.float32)
     else:
         raise ValueError(f"unknown rounding {rounding!r}")
+    if fmt.is_int:  # fixed point: huge inputs (outside a block) must not overflow int32
+        rounded = rounded.clamp(max=255.0)
     rounded_int = rounded.to(torch.int32)
     if fmt.is_int:
         # Symmetric: conversion never produces -128 (OCP MX v1.0 §5.3.3).
