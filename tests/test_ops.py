@@ -1,0 +1,135 @@
+"""The torch.ops.mxfx ops: opcheck, torch.export (by name, re-export, decompositions, save/load),
+and torch.compile (bitwise equal to eager, one fused kernel, no Python fallback)."""
+
+import io
+
+import pytest
+import torch
+from conftest import FORMAT_NAMES, bits_equal
+
+import mxfx
+from mxfx._compat import run_and_get_code
+
+OPTIONS = ("floor", "even", 0, False)  # scale_mode, rounding, seed, flush_subnormals
+
+
+def sample_args():
+    x = torch.randn(6, 64) * 10
+    codes, scales = torch.ops.mxfx.quantize(x, "fp6_e3m2", 32, -1, *OPTIONS)
+    a_codes, a_scales = torch.ops.mxfx.quantize(torch.randn(2, 5, 64), "fp8_e4m3", 32, -1, *OPTIONS)
+    return {
+        torch.ops.mxfx.quantize.default: [(x, "fp4_e2m1", 32, 0, "ceil", "stochastic", 3, False), (x, "int8", 7, -1, *OPTIONS)],
+        torch.ops.mxfx.dequantize.default: [(codes, scales, "fp6_e3m2", 32, -1, [6, 64], torch.bfloat16)],
+        torch.ops.mxfx.fake_quantize.default: [(x.requires_grad_(), "fp8_e5m2", 32, 1, *OPTIONS)],
+        torch.ops.mxfx.linear.default: [
+            (torch.randn(3, 64), codes, scales, torch.randn(6), "fp6_e3m2", 32, 64, "fp8_e4m3", 32, "floor", "even"),
+            (torch.randn(3, 64), codes, scales, None, "fp6_e3m2", 32, 64, "", 32, "floor", "even"),
+        ],
+        torch.ops.mxfx.matmul.default: [(a_codes, a_scales, "fp8_e4m3", 32, codes, scales, "fp6_e3m2", 32, 64, torch.float32)],
+    }
+
+
+@pytest.mark.parametrize("op", list(sample_args()), ids=lambda op: str(op))
+def test_opcheck(op):
+    for args in sample_args()[op]:
+        torch.library.opcheck(op, args)
+
+
+class QuantizeEverything(torch.nn.Module):
+    def forward(self, x, w):
+        codes, scales = torch.ops.mxfx.quantize(x, "fp4_e2m1", 32, -1, *OPTIONS)
+        y = torch.ops.mxfx.dequantize(codes, scales, "fp4_e2m1", 32, -1, list(x.shape), x.dtype)
+        y = torch.ops.mxfx.fake_quantize(y + 1, "int8", 32, -1, *OPTIONS)
+        w_codes, w_scales = torch.ops.mxfx.quantize(w, "fp6_e2m3", 32, -1, *OPTIONS)
+        z = torch.ops.mxfx.linear(y, w_codes, w_scales, None, "fp6_e2m3", 32, w.shape[1], "fp8_e4m3", 32, "floor", "even")
+        return torch.ops.mxfx.matmul(codes, scales, "fp4_e2m1", 32, codes, scales, "fp4_e2m1", 32, x.shape[-1], x.dtype), z
+
+
+def mxfx_targets(gm):
+    return sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("mxfx."))
+
+
+EXPECTED_OPS = ["mxfx.dequantize.default", "mxfx.fake_quantize.default", "mxfx.linear.default",
+                "mxfx.matmul.default", "mxfx.quantize.default", "mxfx.quantize.default"]
+
+
+def test_export_keeps_ops_by_name_through_reexport_decompositions_and_save_load():
+    x, w = torch.randn(8, 64), torch.randn(16, 64)
+    model = QuantizeEverything()
+    want = model(x, w)
+    ep = torch.export.export(model, (x, w))
+    assert mxfx_targets(ep.graph_module) == EXPECTED_OPS
+    again = torch.export.export(ep.module(), (x, w))
+    decomposed = again.run_decompositions()
+    assert mxfx_targets(decomposed.graph_module) == EXPECTED_OPS
+    buffer = io.BytesIO()
+    torch.export.save(decomposed, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    assert mxfx_targets(loaded.graph_module) == EXPECTED_OPS
+    for got, expected in zip(loaded.module()(x, w), want):
+        assert bits_equal(got, expected)
+
+
+def kernel_count(code: str) -> int:
+    return code.count("async_compile.cpp_pybinding(") + code.count("async_compile.triton(")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dynamo):
+    x = torch.randn(64, 256) * torch.exp(torch.randn(64, 256) * 3)
+    x[0, 0], x[1, 40], x[2, :32] = float("nan"), float("inf"), 0.0
+    x[3, :32] = 1e-39
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        eager = mxfx.fake_quantize(xd, name)
+        compiled, code = run_and_get_code(torch.compile(lambda t: mxfx.fake_quantize(t, name), fullgraph=True), xd)
+        assert bits_equal(compiled, eager)
+        assert kernel_count(code[0]) == 1, code[0]
+        assert "torch.ops.mxfx" not in code[0]  # decomposed: no call back into the Python kernel
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_compiled_quantize_is_bitwise_equal(name, fresh_dynamo):
+    x = torch.randn(32, 200) * 5
+    x[0, 0] = float("inf")
+    eager = mxfx.quantize(x, name, block_size=32, axis=-1)
+    fn = torch.compile(lambda t: torch.ops.mxfx.quantize(t, name, 32, -1, "rceil" if name == "int8" else "floor", "even", 0, False), fullgraph=True)
+    codes, scales = fn(x)
+    if name == "int8":
+        eager = mxfx.quantize(x, name, scale_mode="rceil")
+    assert torch.equal(codes, eager.codes) and torch.equal(scales, eager.scales)
+
+
+@pytest.mark.slow
+def test_compiled_roundings_and_axes_bitwise_equal(fresh_dynamo):
+    x = torch.randn(3, 48, 40)
+    for kwargs in (dict(rounding="stochastic", seed=5), dict(rounding="away", axis=1, block_size=16), dict(scale_mode="even", rounding="toward_zero", axis=0, block_size=2)):
+        eager = mxfx.fake_quantize(x, "fp6_e2m3", **kwargs)
+        compiled = torch.compile(lambda t: mxfx.fake_quantize(t, "fp6_e2m3", **kwargs), fullgraph=True)(x)
+        assert bits_equal(compiled, eager), kwargs
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_linear_and_matmul_match_eager(fresh_dynamo):
+    x, w, b = torch.randn(4, 10, 96), torch.randn(48, 96), torch.randn(48)
+    wq = mxfx.quantize(w, "fp6_e3m2")
+    eager = mxfx.linear(x, wq, b, activation_format="fp8_e4m3")
+    compiled, code = run_and_get_code(torch.compile(lambda t: mxfx.linear(t, wq, b, activation_format="fp8_e4m3"), fullgraph=True), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # GEMM order may differ
+    assert "torch.ops.mxfx" not in code[0]
+    q = mxfx.quantize(torch.randn(2, 4, 16, 64), "fp8_e4m3")
+    k = mxfx.quantize(torch.randn(2, 4, 64, 16), "fp8_e4m3", axis=-2)
+    eager = mxfx.matmul(q, k)
+    compiled = torch.compile(lambda: mxfx.matmul(q, k), fullgraph=True)()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_quantize_straight_through_gradient():
+    x = torch.randn(4, 64, requires_grad=True)
+    mxfx.fake_quantize(x, "fp4_e2m1").sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
