@@ -9,12 +9,13 @@ fp32 subnormals, other rounding modes, any axis, partial blocks, nor a NaN scale
 and it computes RCEIL with a floating-point log2. The tests cross-check it bit for bit where the
 two overlap and document each difference.
 
-Every step is done on fp32 bit patterns or by exact power-of-two arithmetic:
-- the block maximum is an integer max over `|x|`'s bit patterns (monotone for non-negative
-  floats, NaN above Inf above all finite values), so it is immune to fast-math NaN handling;
-- the shared exponent comes from exponent bits (never a float `log2`);
-- an element is rounded as an integer multiple of its quantum 2^(e - mbits), scaled exactly by
-  powers of two, and its code is assembled with integer arithmetic.
+Every step is exact:
+- the block maximum is a NaN-propagating max of |x|; a NaN or Inf maximum gives the NaN scale;
+- the shared exponent comes from the maximum's exponent bits (never a float `log2`);
+- an element is rounded as an exact multiple of its quantum 2^(e - mbits) with float arithmetic
+  (a Veltkamp split finds its binade), and its code is assembled from the rounded value's bits.
+Per-element bit casts are avoided on the fake-quantize path: Inductor's CPU backend scalarizes
+them (measured: a bit-cast round trip costs ~5x an fp32 multiply pass), float ops vectorize.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, Elem
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
 ROUNDINGS = ("even", "away", "toward_zero", "stochastic")
 
-_F32_SIGN = -0x80000000  # 0x80000000 as a signed int32
 _F32_ABS = 0x7FFFFFFF
 _F32_MANT = 0x7FFFFF
 
@@ -80,8 +80,8 @@ def shared_exponent(amax_bits: Tensor, fmt: ElementFormat, scale_mode: str) -> T
     return torch.where(efield == 0xFF, E8M0_NAN, code).to(torch.uint8)
 
 
-def _uniform_hash(shape: tuple, seed: int, device: torch.device) -> Tensor:
-    """Counter-based uniform numbers in [0, 1) with 24-bit resolution, one per element.
+def _uniform(shape: tuple, seed: int, device: torch.device) -> Tensor:
+    """Counter-based uniform numbers on the grid k * 2^-24 in [0, 1), one per element.
 
     A stateless integer hash of (seed, flat index) rather than torch's RNG, so stochastic
     rounding is reproducible for a seed and identical in eager and compiled code.
@@ -99,55 +99,75 @@ def _uniform_hash(shape: tuple, seed: int, device: torch.device) -> Tensor:
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
-def encode_elements(
-    scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0
-) -> Tensor:
-    """Round fp32 values V/X to element codes (uint8, unpacked), saturating at ±max normal.
+_VELTKAMP_ONE_BIT = float(2**23 + 1)
 
-    Subnormals of the element format are included; the sign of zero is kept for float formats.
+
+def _pow2_floor(a: Tensor) -> Tensor:
+    """2^floor(log2(a)) for normal fp32 a > 0, with float arithmetic only.
+
+    A Veltkamp split with s = 23 rounds `a` to one significant bit, giving 2^e or 2^(e+1)
+    (checked over every fp32 mantissa in the tests); halving the latter gives 2^e. Needs
+    fp-contract off (Inductor's default) so that `c - (c - a)` is not fused.
     """
-    bits = scaled.view(torch.int32)
-    negative = bits < 0
-    magnitude_bits = bits & _F32_ABS
-    magnitude = magnitude_bits.view(torch.float32)
+    c = a * _VELTKAMP_ONE_BIT
+    one_bit = c - (c - a)
+    return torch.where(one_bit > a, one_bit * 0.5, one_bit)
+
+
+def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
+    """Round fp32 values V/X to the element format's grid; returns the rounded values (fp32).
+
+    Subnormals of the element format included; values beyond ±max normal saturate (§6.3); the
+    sign of zero is kept for float formats. Every step is exact: the quantum 2^(e - mbits) is a
+    power of two (e = the value's binade, floored at the smallest normal one), so dividing by it
+    and multiplying back are exact, and the fraction is split off exactly before it is compared
+    (adding 0.5 or a random number to the multiple would round a second time).
+    """
     if fmt.is_int:
-        quantum_exp = torch.full_like(bits, -fmt.mbits)  # fixed point: steps of 2^-6
+        quantum = 2.0**-fmt.mbits  # fixed point: steps of 2^-6
     else:
-        # The element's binade, floored at its smallest normal one (subnormals share it).
-        quantum_exp = ((magnitude_bits >> 23) - 127).clamp(min=fmt.emin) - fmt.mbits
-    multiple = magnitude * _pow2(-quantum_exp)  # exact: a power-of-two scaling
-    # The fraction is split off exactly (multiple - trunc is exact in fp32); comparing it, rather
-    # than adding 0.5 or a random number to `multiple`, avoids a second fp32 rounding.
-    whole = torch.trunc(multiple)
-    fraction = multiple - whole
+        magnitude = scaled.abs().clamp(2.0**fmt.emin, 2.0 ** (fmt.emax + 1))  # no overflow below
+        quantum = _pow2_floor(magnitude) * 2.0**-fmt.mbits
+    multiple = scaled / quantum  # exact
     if rounding == "even":
         rounded = torch.round(multiple)  # round half to even
-    elif rounding == "away":
-        rounded = whole + (fraction >= 0.5).to(torch.float32)
     elif rounding == "toward_zero":
-        rounded = whole
-    elif rounding == "stochastic":
-        # Up with probability `fraction` (to 2^-24): u < fraction for u uniform on a 2^-24 grid.
-        uniform = _uniform_hash(tuple(multiple.shape), seed, multiple.device)
-        rounded = whole + (uniform < fraction).to(torch.float32)
+        rounded = torch.trunc(multiple)
+    elif rounding in ("away", "stochastic"):
+        whole = torch.trunc(multiple)
+        fraction = (multiple - whole).abs()  # exact
+        if rounding == "away":
+            up = fraction >= 0.5
+        else:  # up with probability `fraction` (to 2^-24): u < fraction for u on a 2^-24 grid
+            up = _uniform(tuple(scaled.shape), seed, scaled.device) < fraction
+        # where(), not whole + 0, so that a negative value rounding to zero stays -0.0
+        rounded = torch.where(up, whole + torch.where(multiple < 0, -1.0, 1.0), whole)
     else:
         raise ValueError(f"unknown rounding {rounding!r}")
-    if fmt.is_int:  # fixed point: huge inputs (outside a block) must not overflow int32
-        rounded = rounded.clamp(max=255.0)
-    rounded_int = rounded.to(torch.int32)
+    values = (rounded * quantum).clamp(-fmt.max_normal, fmt.max_normal)
+    if fmt.is_int:  # two's complement has no -0
+        values = torch.where(rounded == 0, 0.0, values)
+    return values
+
+
+def encode_values(values: Tensor, fmt: ElementFormat) -> Tensor:
+    """Element codes (int32 in [0, 2^bits), unpacked) of fp32 values exactly on the format's grid."""
+    bits = values.view(torch.int32)
     if fmt.is_int:
-        # Symmetric: conversion never produces -128 (OCP MX v1.0 §5.3.3).
-        code_magnitude = rounded_int.clamp(max=127)
-        return torch.where(negative, (256 - code_magnitude) & 0xFF, code_magnitude).to(torch.uint8)
-    # In binade e the code is (e - emin) << mbits plus the integer multiple (which carries the
-    # implicit leading one for normals); a carry into the next binade falls out for free.
-    code_magnitude = ((quantum_exp + fmt.mbits - fmt.emin) << fmt.mbits) + rounded_int
-    max_code = ((fmt.emax - fmt.emin + 1) << fmt.mbits) | int(
-        (fmt.max_normal / 2.0**fmt.emax - 1) * 2**fmt.mbits
-    )
-    code_magnitude = code_magnitude.clamp(max=max_code)  # saturate to ±max normal (§6.3)
-    sign = negative.to(torch.int32) << (fmt.bits - 1)
-    return (code_magnitude | sign).to(torch.uint8)
+        magnitude = (values.abs() * 2.0**fmt.mbits).to(torch.int32)
+        return torch.where(bits < 0, (256 - magnitude) & 0xFF, magnitude)
+    magnitude_bits = bits & _F32_ABS
+    # Normal: the fp32 exponent and top mantissa bits, re-biased. Subnormal: an integer multiple
+    # of the smallest subnormal.
+    normal = (magnitude_bits >> (23 - fmt.mbits)) - ((127 - fmt.bias) << fmt.mbits)
+    subnormal = (magnitude_bits.view(torch.float32) * 2.0 ** (fmt.mbits - fmt.emin)).to(torch.int32)
+    code = torch.where(magnitude_bits >= (127 + fmt.emin) << 23, normal, subnormal)
+    return code | (((bits >> 31) & 1) << (fmt.bits - 1))
+
+
+def encode_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
+    """Round fp32 values V/X and return their element codes (uint8, unpacked)."""
+    return encode_values(round_elements(scaled, fmt, rounding, seed), fmt).to(torch.uint8)
 
 
 def decode_elements(codes: Tensor, fmt: ElementFormat) -> Tensor:
@@ -183,12 +203,12 @@ def pack_codes(codes: Tensor, fmt: ElementFormat) -> Tensor:
         return codes
     c = codes.to(torch.int32)
     if fmt.bits == 4:
-        pairs = c.reshape(*c.shape[:-1], -1, 2)
+        pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
         return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    quads = c.reshape(*c.shape[:-1], -1, 4)
+    quads = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4)
     word = quads[..., 0] | (quads[..., 1] << 6) | (quads[..., 2] << 12) | (quads[..., 3] << 18)
     triple = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=-1)
-    return triple.reshape(*c.shape[:-1], -1).to(torch.uint8)
+    return triple.reshape(*c.shape[:-1], c.shape[-1] // 4 * 3).to(torch.uint8)
 
 
 def unpack_codes(packed: Tensor, fmt: ElementFormat) -> Tensor:
@@ -198,11 +218,11 @@ def unpack_codes(packed: Tensor, fmt: ElementFormat) -> Tensor:
     p = packed.to(torch.int32)
     if fmt.bits == 4:
         pairs = torch.stack([p & 0xF, p >> 4], dim=-1)
-        return pairs.reshape(*p.shape[:-1], -1).to(torch.uint8)
-    triple = p.reshape(*p.shape[:-1], -1, 3)
+        return pairs.reshape(*p.shape[:-1], p.shape[-1] * 2).to(torch.uint8)
+    triple = p.reshape(*p.shape[:-1], p.shape[-1] // 3, 3)
     word = triple[..., 0] | (triple[..., 1] << 8) | (triple[..., 2] << 16)
     quads = torch.stack([word & 0x3F, (word >> 6) & 0x3F, (word >> 12) & 0x3F, word >> 18], dim=-1)
-    return quads.reshape(*p.shape[:-1], -1).to(torch.uint8)
+    return quads.reshape(*p.shape[:-1], p.shape[-1] // 3 * 4).to(torch.uint8)
 
 
 def packing_group(fmt: ElementFormat) -> int:
@@ -217,22 +237,23 @@ def packed_length(n_codes, fmt: ElementFormat):
     return groups * group * fmt.bits // 8
 
 
-def _blocked_codes(
-    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, rounding: str, seed: int, flush_subnormals: bool
+def _scaled_blocks(
+    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool
 ) -> tuple[Tensor, Tensor]:
-    """Shared front half of quantization: (codes, scales) shaped (..., n_blocks, block_size / 1)."""
-    bits = x.to(torch.float32).view(torch.int32)  # bf16/fp16 -> fp32 is exact; all math in fp32
+    """The front half of quantization: (V / X in fp32, shaped (..., n_blocks, block_size);
+    E8M0 scale codes, shaped (..., n_blocks, 1))."""
+    x32 = x.to(torch.float32)  # bf16/fp16 -> fp32 is exact; all math in fp32 (MX_SPEC.md)
     if flush_subnormals:
-        bits = torch.where(((bits >> 23) & 0xFF) == 0, bits & _F32_SIGN, bits)
+        x32 = torch.where(x32.abs() < 2.0**-126, x32 * 0.0, x32)  # * 0.0 keeps the sign of zero
     n_blocks = (x.shape[-1] + block_size - 1) // block_size
     pad = n_blocks * block_size - x.shape[-1]
     if pad:  # a partial trailing block is padded with zeros, which never change max|V|
-        bits = torch.nn.functional.pad(bits, (0, pad))
-    blocks = bits.reshape(*bits.shape[:-1], n_blocks, block_size)
-    amax_bits = (blocks & _F32_ABS).amax(dim=-1, keepdim=True)
-    scales = shared_exponent(amax_bits, fmt, scale_mode)
-    scaled = blocks.view(torch.float32) * _pow2(E8M0_BIAS - scales.to(torch.int32))  # V / X, exact
-    return encode_elements(scaled, fmt, rounding, seed), scales
+        x32 = torch.nn.functional.pad(x32, (0, pad))
+    blocks = x32.reshape(*x32.shape[:-1], n_blocks, block_size)
+    # amax propagates NaN (eager and Inductor alike); only this per-block value is bit-cast.
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
+    return blocks * _pow2(E8M0_BIAS - scales.to(torch.int32)), scales  # V / X, exact
 
 
 def quantize_last_axis(
@@ -250,10 +271,12 @@ def quantize_last_axis(
     n_blocks = ceil(n / block_size).
     """
     fmt = get_format(elem_format)
-    codes, scales = _blocked_codes(x, fmt, block_size, scale_mode, rounding, seed, flush_subnormals)
-    # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero.
-    codes = torch.where(scales == E8M0_NAN, 0, codes).to(torch.uint8)
-    codes = codes.reshape(*codes.shape[:-2], -1)
+    scaled, scales = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    codes = encode_values(round_elements(scaled, fmt, rounding, seed), fmt)
+    # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero (an AND
+    # with a per-block mask: cheaper in Inductor's CPU code than a where() on uint8).
+    codes = (codes & torch.where(scales == E8M0_NAN, 0, 0xFF)).to(torch.uint8)
+    codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
         codes = torch.nn.functional.pad(codes, (0, group_pad))
@@ -286,7 +309,7 @@ def fake_quantize_last_axis(
     Skips packing (a bijection) so that Inductor emits one simple fused kernel.
     """
     fmt = get_format(elem_format)
-    codes, scales = _blocked_codes(x, fmt, block_size, scale_mode, rounding, seed, flush_subnormals)
-    out = decode_elements(codes, fmt) * decode_scales(scales)
-    out = out.reshape(*out.shape[:-2], -1)
+    scaled, scales = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    out = round_elements(scaled, fmt, rounding, seed) * decode_scales(scales)
+    out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
     return out[..., : x.shape[-1]].to(x.dtype)

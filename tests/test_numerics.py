@@ -140,3 +140,13 @@ def test_low_precision_inputs_compute_in_fp32(dtype):
     got = mxfx.fake_quantize(x, "fp6_e2m3")
     assert got.dtype == dtype
     assert bits_equal(got, mxfx.fake_quantize(x.float(), "fp6_e2m3").to(dtype))
+
+
+def test_pow2_floor_every_fp32_mantissa_and_binades():
+    """The Veltkamp one-bit split gives 2^floor(log2 a) for every mantissa (scale-invariant)."""
+    from mxfx.numerics import _pow2_floor
+
+    mantissas = torch.arange(2**23, dtype=torch.int32)
+    for exponent in (-126, -20, 0, 1, 15, 100):
+        a = ((exponent + 127) << 23 | mantissas).view(torch.float32)
+        assert (_pow2_floor(a) == 2.0**exponent).all(), exponent

@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make demo   -- set up .venv and run the main demo
+#   make test   -- set up .venv and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first: the pinned CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_quantize.py
+
+lint: setup
+	$(BIN)/ruff check mxfx passes configs tests examples benchmarks
