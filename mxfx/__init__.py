@@ -2,10 +2,21 @@
 
 from mxfx import ops  # noqa: F401  (registers the torch.ops.mxfx namespace)
 from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
+from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
 from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
+from mxfx.prepare import MXFXWarning, PrepareReport, prepare
 
 __all__ = [
+    "AttentionSpec",
+    "MXSpec",
+    "MXFXWarning",
+    "PrepareReport",
+    "QuantConfig",
+    "Rule",
+    "load_config",
+    "prepare",
+    "preset_names",
     "MXData",
     "dequantize",
     "fake_quantize",

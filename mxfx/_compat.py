@@ -25,3 +25,10 @@ def run_and_get_code(fn: Callable, *args, **kwargs):
     from torch._inductor.utils import run_and_get_code as _run_and_get_code
 
     return _run_and_get_code(fn, *args, **kwargs)
+
+
+def detect_fake_mode(values):
+    """The FakeTensorMode that produced a graph's meta["val"] tensors (None if there is none)."""
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(values)

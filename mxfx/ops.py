@@ -4,7 +4,8 @@ Each op's eager kernel is the reference math of `mxfx.numerics`; the same functi
 as its Inductor decomposition, so `torch.compile` fuses it into generated kernels while
 `torch.export` keeps the op visible by name. Codes and scales cross op boundaries as uint8.
 
-Autograd: `fake_quantize` has a straight-through estimator (identity gradient); the other ops are
+Autograd: `fake_quantize` and `linear` have straight-through estimators (quantization is treated
+as the identity in the backward pass); `quantize`, `dequantize` and `matmul` (uint8 operands) are
 inference only.
 """
 
@@ -153,7 +154,7 @@ def linear(
     """`F.linear` with an MX weight (codes/scales blocked along in_features) and, unless
     `act_format` is "", MX fake-quantized activations (blocked along in_features).
 
-    The GEMM runs in x's dtype on the dequantized operands. Inference only.
+    The GEMM runs in x's dtype on the dequantized operands. Straight-through gradient for x and bias.
     """
     return _linear_impl(
         x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
@@ -165,6 +166,26 @@ def linear(
 def _(x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
       act_format, act_block_size, act_scale_mode, act_rounding):
     return x.new_empty((*x.shape[:-1], weight_scales.shape[0]))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features = inputs[:7]
+    ctx.save_for_backward(weight_codes, weight_scales)
+    ctx.weight_args = (weight_format, weight_block_size, in_features)
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+
+def _linear_backward(ctx, grad):
+    """Straight-through estimator: the gradient of F.linear with the dequantized weight, with
+    activation quantization treated as the identity. Codes and scales get no gradient."""
+    weight_codes, weight_scales = ctx.saved_tensors
+    weight = dequantize_last_axis(weight_codes, weight_scales, *ctx.weight_args, ctx.x_dtype)
+    grad_x = grad @ weight
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, grad_bias, None, None, None, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def _matmul_impl(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):

@@ -1,0 +1,244 @@
+"""Quantization configs: frozen dataclasses, TOML presets, and first-matching-rule semantics.
+
+A config is an ordered list of rules. Each rule's regex is matched with `re.fullmatch` against
+the fully qualified name of a site (a linear layer, or an attention module); the first rule that
+matches decides the site; a site no rule matches stays in high precision. A TOML file:
+
+    [defaults]                 # optional: defaults for every spec and rule below
+    block_size = 32
+
+    [[rule]]
+    match = 'lm_head'
+    skip = true
+
+    [[rule]]
+    match = '.*'
+    weight = "fp6_e3m2"
+    activation = { format = "fp8_e4m3", block_size = 32 }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from mxfx.errors import ConfigError, MXFXError
+from mxfx.formats import get_format
+from mxfx.numerics import ROUNDINGS, SCALE_MODES
+
+WEIGHT_STORAGES = ("packed", "simulated")
+ATTENTION_OPERANDS = ("query", "key", "value", "probs")
+
+
+@dataclasses.dataclass(frozen=True)
+class MXSpec:
+    """How one tensor is quantized."""
+
+    format: str  # element format name (any alias; stored canonical)
+    block_size: int = 32  # elements per E8M0 scale
+    scale_mode: str = "floor"  # floor (OCP), ceil, even, rceil
+    rounding: str = "even"  # even (OCP), away, toward_zero, stochastic
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", get_format(self.format).name)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ConfigError(f"unknown scale_mode {self.scale_mode!r}; valid: {', '.join(SCALE_MODES)}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"unknown rounding {self.rounding!r}; valid: {', '.join(ROUNDINGS)}")
+
+    def describe(self) -> str:
+        return f"{self.format}/b{self.block_size}" + (
+            "" if (self.scale_mode, self.rounding) == ("floor", "even") else f"/{self.scale_mode}/{self.rounding}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """MX specs for the operands of an attention site's two matmuls; None keeps one in high precision."""
+
+    query: Optional[MXSpec] = None  # Q in Q @ K^T, blocked along head_dim
+    key: Optional[MXSpec] = None  # K in Q @ K^T, blocked along head_dim
+    value: Optional[MXSpec] = None  # V in P @ V, blocked along the sequence axis
+    probs: Optional[MXSpec] = None  # softmax output P in P @ V, blocked along the key axis
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) is None for name in ATTENTION_OPERANDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One config rule: sites whose FQN fully matches `match` get these specs."""
+
+    match: str  # regex, matched with re.fullmatch against the site's fully qualified name
+    weight: Optional[MXSpec] = None  # linear weights, blocked along in_features
+    activation: Optional[MXSpec] = None  # linear inputs, blocked along in_features
+    attention: Optional[AttentionSpec] = None  # attention sites
+    skip: bool = False  # matched sites stay in high precision
+    weight_storage: str = "packed"  # "packed": keep codes + scales only; "simulated": fake-quantized fp weights
+    name: str = ""  # for messages, e.g. "rule 2 in configs/llm.toml"
+
+    def __post_init__(self) -> None:
+        where = self.name or f"rule {self.match!r}"
+        if not isinstance(self.match, str):
+            raise ConfigError(f"{where}: 'match' must be a regex string, got {self.match!r}")
+        try:
+            object.__setattr__(self, "_pattern", re.compile(self.match))
+        except re.error as error:
+            raise ConfigError(f"{where}: bad regex {self.match!r}: {error}") from None
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise ConfigError(f"{where}: weight_storage must be one of {', '.join(WEIGHT_STORAGES)}, got {self.weight_storage!r}")
+
+    def matches(self, fqn: str) -> bool:
+        return self._pattern.fullmatch(fqn) is not None
+
+    @property
+    def quantizes_linear(self) -> bool:
+        return not self.skip and (self.weight is not None or self.activation is not None)
+
+    @property
+    def quantizes_attention(self) -> bool:
+        return not self.skip and self.attention is not None and not self.attention.is_empty()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """An ordered list of rules; the first rule whose regex matches a site decides it."""
+
+    rules: tuple[Rule, ...] = ()
+    source: str = "<python>"  # where the config came from, for messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise ConfigError(f"QuantConfig.rules must hold mxfx.Rule objects, got {type(rule).__name__}")
+
+    def first_match(self, fqn: str, kind: str = "linear") -> Optional[tuple[int, Rule]]:
+        """(index, rule) of the first rule matching `fqn`, or None. `kind` is unused by matching
+        (one list of rules for all sites) and kept for messages."""
+        for index, rule in enumerate(self.rules):
+            if rule.matches(fqn):
+                return index, rule
+        return None
+
+    def rule_label(self, index: int) -> str:
+        rule = self.rules[index]
+        return rule.name or f"rule {index} ({rule.match!r})"
+
+
+# --- TOML -------------------------------------------------------------------------------------
+
+_SPEC_KEYS = {"format", "block_size", "scale_mode", "rounding"}
+_RULE_KEYS = {"match", "skip", "weight", "activation", "attention", "weight_storage"}
+_DEFAULT_KEYS = _SPEC_KEYS - {"format"} | {"weight_storage"}
+
+
+def _spec(value: Any, defaults: dict, where: str) -> Optional[MXSpec]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"format": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: a spec is a format name or a table with {sorted(_SPEC_KEYS)}, got {value!r}")
+    unknown = set(value) - _SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(sorted(_SPEC_KEYS))})")
+    if "format" not in value:
+        raise ConfigError(f"{where}: a spec table needs 'format'")
+    merged = {key: defaults[key] for key in _SPEC_KEYS - {"format"} if key in defaults} | value
+    try:
+        return MXSpec(**merged)
+    except MXFXError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> QuantConfig:
+    """Build a QuantConfig from parsed TOML (a dict with `rule` and optional `defaults`)."""
+    unknown = set(data) - {"rule", "defaults"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key {sorted(unknown)[0]!r} (valid: 'rule', 'defaults')")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - _DEFAULT_KEYS:
+        bad = sorted(set(defaults) - _DEFAULT_KEYS) if isinstance(defaults, dict) else [repr(defaults)]
+        raise ConfigError(f"{source}: unknown key {bad[0]!r} in [defaults] (valid: {', '.join(sorted(_DEFAULT_KEYS))})")
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise ConfigError(f"{source}: no [[rule]] tables; a config needs at least one rule")
+    rules = []
+    for index, raw in enumerate(raw_rules):
+        where = f"rule {index} in {source}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: a rule is a table, got {raw!r}")
+        unknown = set(raw) - _RULE_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(sorted(_RULE_KEYS))})")
+        if "match" not in raw:
+            raise ConfigError(f"{where}: missing 'match' (a regex for module names)")
+        where = f"rule {index} ({raw['match']!r}) in {source}"
+        skip = raw.get("skip", False)
+        if not isinstance(skip, bool):
+            raise ConfigError(f"{where}: 'skip' must be true or false, got {skip!r}")
+        attention = None
+        if "attention" in raw:
+            table = raw["attention"]
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: 'attention' must be a table with {', '.join(ATTENTION_OPERANDS)}")
+            bad = set(table) - set(ATTENTION_OPERANDS)
+            if bad:
+                raise ConfigError(f"{where}: unknown key {sorted(bad)[0]!r} in attention (valid: {', '.join(ATTENTION_OPERANDS)})")
+            attention = AttentionSpec(**{k: _spec(v, defaults, f"{where}, attention.{k}") for k, v in table.items()})
+        try:
+            rules.append(Rule(
+                match=raw["match"],
+                weight=_spec(raw.get("weight"), defaults, f"{where}, weight"),
+                activation=_spec(raw.get("activation"), defaults, f"{where}, activation"),
+                attention=attention,
+                skip=skip,
+                weight_storage=raw.get("weight_storage", defaults.get("weight_storage", "packed")),
+                name=f"rule {index} ({raw['match']!r}) in {source}",
+            ))
+        except ConfigError:
+            raise
+        except MXFXError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return QuantConfig(tuple(rules), source)
+
+
+def preset_names() -> list[str]:
+    """Names of the TOML presets shipped in mxfx.configs."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("mxfx.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(path_or_name: Union[str, Path, QuantConfig]) -> QuantConfig:
+    """Load a QuantConfig from a preset name (see `preset_names()`) or a TOML file path.
+
+    Raises:
+        ConfigError: a missing file, invalid TOML, or invalid contents (the message names the
+            key, the rule and the file).
+    """
+    if isinstance(path_or_name, QuantConfig):
+        return path_or_name
+    if not isinstance(path_or_name, (str, Path)):
+        raise ConfigError(f"config must be a QuantConfig, a preset name or a TOML path, got {type(path_or_name).__name__}")
+    text_source = str(path_or_name)
+    preset = resources.files("mxfx.configs").joinpath(f"{text_source}.toml")
+    if isinstance(path_or_name, str) and "/" not in text_source and preset.is_file():
+        text, source = preset.read_text(), f"preset {text_source!r}"
+    else:
+        path = Path(path_or_name)
+        if not path.is_file():
+            raise ConfigError(f"no config file or preset named {text_source!r}; presets: {', '.join(preset_names())}")
+        text, source = path.read_text(), str(path)
+    if not text.strip():
+        raise ConfigError(f"{source} is empty; a config needs at least one [[rule]]")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source} is not valid TOML: {error}") from None
+    return config_from_dict(data, source)

@@ -1,0 +1,116 @@
+"""mxfx.prepare: torch.export the model, then run the MX passes on its graph.
+
+    prepared = mxfx.prepare(model, config, example_inputs=(x,))
+    compiled = torch.compile(prepared)
+
+The model is exported (the original is not modified), its graph becomes an `nn.Module` with the
+model's call signature and output structure (`ExportedProgram.module()`), and the passes insert
+and lower the MX ops there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+from torch import fx
+
+from mxfx.config import QuantConfig, load_config
+from mxfx.errors import ExportError, MXTypeError
+from mxfx.passes._utils import mxfx_meta
+from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
+from mxfx.passes.insert_qdq import InsertQDQPass
+from mxfx.passes.lower_linear import LowerLinearPass
+from mxfx.passes.match_linear_sites import MatchLinearSitesPass
+
+log = logging.getLogger(__name__)
+
+
+class MXFXWarning(UserWarning):
+    """Warnings from mxfx: rules that match nothing, NaN blocks, ..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareReport:
+    """What prepare did: every site with its rule, and how many sites each rule matched."""
+
+    sites: tuple[dict, ...]  # {"fqn", "kind", "rule", ...}
+    rule_matches: tuple[tuple[str, int], ...]  # (rule label, sites matched)
+    rewrites: dict  # pass name -> rewrites
+
+
+def export_model(model: torch.nn.Module, args: tuple, kwargs: Optional[dict], *, strict: bool,
+                 dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """torch.export the model; failures become an ExportError that says why and what to try."""
+    name = type(model).__name__
+    try:
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    except Exception as error:  # torch.export raises many types; all mean "could not trace"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
+        hints = ["strict=False" if strict else "strict=True"]
+        hints.append("use_cache=False (Hugging Face models: model.config.use_cache = False)")
+        hints.append("data-dependent Python control flow may need torch.cond or a fixed branch")
+        raise ExportError(
+            f"torch.export could not trace {name}: {type(error).__name__}: {first_line}\n"
+            f"Try: {'; '.join(hints)}."
+        ) from error
+
+
+def prepare(
+    model: torch.nn.Module,
+    config: Union[QuantConfig, str],
+    example_inputs: tuple = (),
+    *,
+    example_kwargs: Optional[dict] = None,
+    strict: bool = False,
+    dynamic_shapes: Any = None,
+) -> fx.GraphModule:
+    """Export `model` and quantize the linear sites its config selects to MX.
+
+    Args:
+        model: the model; it is not modified (it is exported in eval mode, then restored).
+        config: a QuantConfig, a preset name (`mxfx.preset_names()`) or a TOML path.
+        example_inputs: positional example inputs for torch.export.
+        example_kwargs: keyword example inputs.
+        strict: torch.export's strict mode (default non-strict, which traces more models).
+        dynamic_shapes: torch.export dynamic_shapes (e.g. a dynamic batch dimension).
+
+    Returns:
+        An nn.Module (fx.GraphModule) with the model's call signature and output structure. Its
+        `mxfx_report` attribute (a PrepareReport) lists the sites and rule match counts.
+
+    Raises:
+        ConfigError: a bad config. ExportError: torch.export failed (with what to try).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise MXTypeError(f"prepare takes an nn.Module, got {type(model).__name__}")
+    config = load_config(config)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        program = export_model(model, example_inputs, example_kwargs, strict=strict, dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    for pass_ in (CanonicalizeLinearPass(), MatchLinearSitesPass(config), InsertQDQPass(config), LowerLinearPass()):
+        pass_(gm)
+    gm.mxfx_report = _report(gm, config)
+    return gm
+
+
+def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
+    meta = mxfx_meta(gm)
+    sites = tuple(meta.get("linear_sites", ())) + tuple(meta.get("attention_sites", ()))
+    counts = [0] * len(config.rules)
+    for site in sites:
+        if site["rule"] is not None:
+            counts[site["rule"]] += 1
+    for index, count in enumerate(counts):
+        if count == 0:
+            warnings.warn(f"mxfx: {config.rule_label(index)} matched no site", MXFXWarning, stacklevel=3)
+    return PrepareReport(sites, tuple((config.rule_label(i), c) for i, c in enumerate(counts)), dict(meta["rewrites"]))

@@ -1,0 +1,119 @@
+"""Insert MX quantize/dequantize around each config-matched linear.
+
+Activations get a dynamic `mxfx.fake_quantize` (quantize -> dequantize in one op, blocked along
+in_features). Weights are quantized once, here: with `weight_storage = "packed"` the module keeps
+only uint8 codes + E8M0 scales and an `mxfx.dequantize` node feeds the linear (the fp weight is
+dropped); with "simulated" it keeps the fake-quantized fp weight. A weight shared by several
+linears (tied weights) is quantized once per spec.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from mxfx import api
+from mxfx.config import MXSpec, QuantConfig
+from mxfx.passes._utils import count_rewrites, create_call, create_get_attr, fake_mode_of, finish
+from mxfx.passes.match_linear_sites import SITE_META, linear_weight
+
+log = logging.getLogger(__name__)
+mxfx_ops = torch.ops.mxfx
+DONE_META = "mxfx_qdq"  # node.meta key: the specs applied to this linear
+
+
+def spec_args(spec: MXSpec, axis: int = -1) -> tuple:
+    """The option arguments of mxfx.quantize / fake_quantize for a spec."""
+    return (spec.format, spec.block_size, axis, spec.scale_mode, spec.rounding, 0, False)
+
+
+def _delete_attribute(gm: fx.GraphModule, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    delattr(owner, name)
+
+
+class InsertQDQPass(PassBase):
+    """Insert MX Q/DQ on both operands of each config-matched linear site.
+
+    Requires: MatchLinearSitesPass annotations; nodes carry meta["val"].
+    Ensures: every new node has meta["val"] and the linear's nn_module_stack; a linear already
+    processed is skipped, so running twice is a no-op.
+    """
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        fake_mode = fake_mode_of(gm)
+        quantized_weights: dict[tuple, tuple] = {}  # (weight target, spec, storage) -> new attrs
+        replaced_targets: set[str] = set()
+        rewrites = 0
+        for node in list(gm.graph.nodes):
+            site = node.meta.get(SITE_META)
+            weight = linear_weight(node)
+            if site is None or weight is None or site["rule"] is None or DONE_META in node.meta:
+                continue
+            rule = self.config.rules[site["rule"]]
+            if not rule.quantizes_linear:
+                continue
+            with gm.graph.inserting_before(node):
+                if rule.activation is not None:
+                    x = node.args[0]
+                    fq = create_call(gm, mxfx_ops.fake_quantize.default, (x, *spec_args(rule.activation)), node, fake_mode)
+                    node.update_arg(0, fq)
+                if rule.weight is not None:
+                    key = (weight.target, rule.weight, rule.weight_storage)
+                    if key not in quantized_weights:
+                        quantized_weights[key] = self._quantize_weight(gm, weight, rule.weight, rule.weight_storage, len(quantized_weights))
+                    names = quantized_weights[key]
+                    attrs = [create_get_attr(gm, name, fake_mode) for name in names]
+                    if rule.weight_storage == "packed":
+                        w = weight.meta["val"]
+                        new_weight = create_call(
+                            gm, mxfx_ops.dequantize.default,
+                            (attrs[0], attrs[1], rule.weight.format, rule.weight.block_size, -1, list(w.shape), w.dtype),
+                            node, fake_mode,
+                        )
+                    else:
+                        new_weight = attrs[0]
+                    node.update_arg(1, new_weight)
+                    replaced_targets.add(weight.target)
+            node.meta[DONE_META] = {"weight": rule.weight, "activation": rule.activation, "storage": rule.weight_storage}
+            rewrites += 1
+            log.debug("inserted MX Q/DQ at %s (%s)", site["fqn"], self.config.rule_label(site["rule"]))
+        if rewrites:
+            finish(gm)
+            # Drop fp weights nothing reads any more: the prepared module keeps codes + scales only.
+            still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+            for target in replaced_targets - still_read:
+                _delete_attribute(gm, target)
+        count_rewrites(gm, type(self).__name__, rewrites)
+        return PassResult(gm, rewrites > 0)
+
+    @staticmethod
+    def _quantize_weight(gm: fx.GraphModule, weight: fx.Node, spec: MXSpec, storage: str, index: int) -> tuple[str, ...]:
+        tensor = gm.get_parameter(weight.target) if _is_parameter(gm, weight.target) else gm.get_buffer(weight.target)
+        tensor = tensor.detach()
+        stem = f"mxfx_w{index}_" + str(weight.target).replace(".", "_")
+        if storage == "packed":
+            data = api.quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
+                                scale_mode=spec.scale_mode, rounding=spec.rounding)
+            gm.register_buffer(f"{stem}_codes", data.codes)
+            gm.register_buffer(f"{stem}_scales", data.scales)
+            return f"{stem}_codes", f"{stem}_scales"
+        simulated = api.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
+                                      scale_mode=spec.scale_mode, rounding=spec.rounding)
+        gm.register_buffer(f"{stem}_simulated", simulated)
+        return (f"{stem}_simulated",)
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False

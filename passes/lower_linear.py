@@ -1,0 +1,63 @@
+"""Lower `fake_quantize(x) -> linear <- dequantize(codes, scales)` to one `mxfx.linear` op.
+
+The fused op's eager kernel is the reference; its Inductor decomposition fuses the activation
+quantization and the weight dequantization around the GEMM. Linears with a simulated (fp) weight
+keep `mxfx.fake_quantize` + `aten.linear`, which Inductor also fuses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
+
+log = logging.getLogger(__name__)
+aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+class LowerLinearPass(PassBase):
+    """Replace each linear whose weight is an `mxfx.dequantize` of stored codes by `mxfx.linear`.
+
+    Requires: InsertQDQPass output. Ensures: the fused node has meta["val"] and the linear's
+    metadata; dead Q/DQ nodes are removed; running twice is a no-op.
+    """
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        fake_mode = fake_mode_of(gm)
+        rewrites = 0
+        for node in list(gm.graph.nodes):
+            if not _is(node, aten.linear.default):
+                continue
+            x, dq = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else None
+            if not _is(dq, mxfx_ops.dequantize.default) or dq.args[4] not in (-1, 1):
+                continue
+            codes, scales, weight_format, weight_block, _, shape, _ = dq.args
+            act = ("", 32, "floor", "even")
+            if _is(x, mxfx_ops.fake_quantize.default) and x.args[3] in (-1, x.meta["val"].dim() - 1) and x.args[6:] == (0, False):
+                act = (x.args[1], x.args[2], x.args[4], x.args[5])
+                x = x.args[0]
+            with gm.graph.inserting_before(node):
+                fused = create_call(
+                    gm, mxfx_ops.linear.default,
+                    (x, codes, scales, bias, weight_format, weight_block, shape[1], *act),
+                    node, fake_mode,
+                )
+            fused.meta.update({k: v for k, v in node.meta.items() if k.startswith("mxfx_")})
+            fused.meta["mxfx_lowered"] = True
+            node.replace_all_uses_with(fused)
+            gm.graph.erase_node(node)
+            rewrites += 1
+            log.debug("lowered %s to mxfx.linear", node.name)
+        if rewrites:
+            finish(gm)
+        count_rewrites(gm, type(self).__name__, rewrites)
+        return PassResult(gm, rewrites > 0)
