@@ -175,12 +175,13 @@ def config_from_dict(data: dict, source: str = "<dict>") -> QuantConfig:
         where = f"rule {index} in {source}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: a rule is a table, got {raw!r}")
+        if "match" in raw:
+            where = f"rule {index} ({raw['match']!r}) in {source}"
         unknown = set(raw) - _RULE_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(sorted(_RULE_KEYS))})")
         if "match" not in raw:
             raise ConfigError(f"{where}: missing 'match' (a regex for module names)")
-        where = f"rule {index} ({raw['match']!r}) in {source}"
         skip = raw.get("skip", False)
         if not isinstance(skip, bool):
             raise ConfigError(f"{where}: 'skip' must be true or false, got {skip!r}")
@@ -201,7 +202,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> QuantConfig:
                 attention=attention,
                 skip=skip,
                 weight_storage=raw.get("weight_storage", defaults.get("weight_storage", "packed")),
-                name=f"rule {index} ({raw['match']!r}) in {source}",
+                name=where,
             ))
         except ConfigError:
             raise

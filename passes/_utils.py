@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import pydoc
 from typing import Any, Callable
 
 import torch
@@ -39,9 +41,18 @@ def linear_site_name(node: fx.Node, weight: fx.Node) -> str:
     target = str(weight.target)
     if stack:
         path, type_name = stack[-1]
-        if target == f"{path}.weight" or str(type_name).split(".")[-1].endswith("Linear"):
+        if path and (target == f"{path}.weight" or _is_linear_class(type_name)):
             return path
     return target.removesuffix(".weight")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_linear_class(type_name) -> bool:
+    """Whether nn_module_stack's type (a class or its qualified name) is an nn.Linear subclass."""
+    cls = pydoc.locate(type_name) if isinstance(type_name, str) else type_name
+    if isinstance(cls, type):
+        return issubclass(cls, torch.nn.Linear)
+    return str(type_name).rsplit(".", 1)[-1] == "Linear"
 
 
 def _fake(value: Any, mode) -> Any:
