@@ -1,6 +1,6 @@
 """mxfx: a PyTorch 2 graph-mode quantizer for the OCP Microscaling (MX) formats."""
 
-from mxfx import ops  # noqa: F401  (registers the torch.ops.mxfx namespace)
+from mxfx import attention, ops  # noqa: F401  (register the torch.ops.mxfx ops)
 from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
 from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError

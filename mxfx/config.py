@@ -52,6 +52,18 @@ class MXSpec:
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"unknown rounding {self.rounding!r}; valid: {', '.join(ROUNDINGS)}")
 
+    def to_arg(self) -> str:
+        """The compact string form the attention op takes: "format/block_size/scale_mode/rounding"."""
+        return f"{self.format}/{self.block_size}/{self.scale_mode}/{self.rounding}"
+
+    @classmethod
+    def from_arg(cls, text: str) -> Optional["MXSpec"]:
+        """Inverse of `to_arg`; "" means no quantization (None)."""
+        if not text:
+            return None
+        fmt, block, scale_mode, rounding = text.split("/")
+        return cls(fmt, int(block), scale_mode, rounding)
+
     def describe(self) -> str:
         return f"{self.format}/b{self.block_size}" + (
             "" if (self.scale_mode, self.rounding) == ("floor", "even") else f"/{self.scale_mode}/{self.rounding}"

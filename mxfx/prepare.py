@@ -24,7 +24,9 @@ from mxfx.passes._utils import mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
+from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
+from mxfx.passes.quantize_attention import QuantizeAttentionPass
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,11 @@ def prepare(
         dynamic_shapes: torch.export dynamic_shapes (e.g. a dynamic batch dimension).
 
     Returns:
-        An nn.Module (fx.GraphModule) with the model's call signature and output structure. Its
-        `mxfx_report` attribute (a PrepareReport) lists the sites and rule match counts.
+        An nn.Module (fx.GraphModule) with the model's call signature and output structure, for
+        inference: its parameters share the model's storage and do not require grad (for
+        experiments with gradients, `requires_grad_()` them: mxfx.linear and fake_quantize have
+        straight-through gradients; mxfx.attention has none). Its `mxfx_report` attribute (a
+        PrepareReport) lists the sites and rule match counts.
 
     Raises:
         ConfigError: a bad config. ExportError: torch.export failed (with what to try).
@@ -97,10 +102,35 @@ def prepare(
     finally:
         model.train(was_training)
     gm = program.module()
-    for pass_ in (CanonicalizeLinearPass(), MatchLinearSitesPass(config), InsertQDQPass(config), LowerLinearPass()):
+    _detach_parameters(gm)
+    for pass_ in pipeline(config):
         pass_(gm)
     gm.mxfx_report = _report(gm, config)
     return gm
+
+
+def _detach_parameters(gm: fx.GraphModule) -> None:
+    """Give the prepared module its own Parameter objects (sharing storage: no copy) that do not
+    require grad: it is an inference module, and the original model's parameters stay untouched.
+    (`ExportedProgram.module()` hands back the model's own Parameter objects.)"""
+    replacements: dict[int, torch.nn.Parameter] = {}
+    for name, param in list(gm.named_parameters(remove_duplicate=False)):
+        if id(param) not in replacements:
+            replacements[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=False)
+        owner_path, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, replacements[id(param)])
+
+
+def pipeline(config: QuantConfig) -> list:
+    """The passes prepare runs, in order."""
+    return [
+        CanonicalizeLinearPass(),
+        MatchLinearSitesPass(config),
+        MatchAttentionSitesPass(config),
+        InsertQDQPass(config),
+        LowerLinearPass(),
+        QuantizeAttentionPass(config),
+    ]
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:

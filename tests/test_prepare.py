@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bits_equal
-from model_zoo import MLP, FunctionalLinear, NanoGPT, TiedLM
+from mxfx.model_zoo import MLP, FunctionalLinear, NanoGPT, TiedLM
 
 import mxfx
 from mxfx.config import MXSpec, QuantConfig, Rule

@@ -1,4 +1,5 @@
-"""Small models for the prepare tests: an MLP, an F.linear model, tied weights, nanoGPT-style."""
+"""Small models used by the tests, examples and benchmarks: an MLP, an F.linear model, tied
+weights, and a nanoGPT-style transformer (attention with an SDPA path and a manual path)."""
 
 from __future__ import annotations
 

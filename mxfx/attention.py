@@ -1,0 +1,98 @@
+"""The fused MX attention op `mxfx::attention` and its reference math.
+
+`scaled_dot_product_attention` rewritten into MX-quantized math (OCP MX v1.0 §6.2 dot products):
+
+    Q, K  quantized along head_dim            (the reduction axis of Q @ K^T)
+    S  = (Q @ K^T) in fp32, times the softmax scale (not folded into Q: that would change rounding)
+    S += mask (or -inf where a boolean mask / is_causal excludes a key)
+    P  = softmax(S) in fp32, quantized along the key axis   (the reduction axis of P @ V)
+    V  quantized along the sequence axis
+    O  = P @ V in fp32, returned in Q's dtype
+
+Operands are quantized exactly as SDPA receives them, after grouped-query head repetition. Each
+operand spec is a string "format/block_size/scale_mode/rounding" or "" (high precision). With all
+four empty the op is plain fp32 SDPA math. Inference only (no autograd formula).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mxfx import _compat
+from mxfx.numerics import fake_quantize_last_axis
+
+
+def _maybe_quantize(x: Tensor, spec: str, axis: int) -> Tensor:
+    """x in fp32, fake-quantized along `axis` when `spec` is set."""
+    x = x.to(torch.float32)
+    if not spec:
+        return x
+    fmt, block, scale_mode, rounding = spec.split("/")
+    moved = x.movedim(axis, -1)
+    return fake_quantize_last_axis(moved, fmt, int(block), scale_mode, rounding).movedim(-1, axis)
+
+
+def attention_reference(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+    scale: Optional[float], enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str, probs_spec: str,
+) -> Tensor:
+    """SDPA semantics (dropout 0) with MX quantization of Q, K, V and the softmax output P."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    q = _maybe_quantize(query, query_spec, -1)
+    k = _maybe_quantize(key, key_spec, -1)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    length, source = query.shape[-2], key.shape[-2]
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(torch.float32)
+    probs = _maybe_quantize(torch.softmax(scores, dim=-1), probs_spec, -1)
+    v = _maybe_quantize(value, value_spec, -2)
+    return _sdpa_layout(torch.matmul(probs, v).to(query.dtype))
+
+
+def _sdpa_layout(out: Tensor) -> Tensor:
+    """`out` with the strides ATen's CPU SDPA gives a 4-D output, (B, L, H, E) in memory, so that
+    graphs traced against SDPA (a `transpose(1, 2).view(...)` with no copy) stay valid."""
+    if out.dim() != 4:
+        return out.contiguous()
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("mxfx::attention", mutates_args=())
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor],
+    is_causal: bool,
+    scale: Optional[float],
+    enable_gqa: bool,
+    query_spec: str,
+    key_spec: str,
+    value_spec: str,
+    probs_spec: str,
+) -> Tensor:
+    """scaled_dot_product_attention with MX-quantized Q, K, V and P (see the module docstring)."""
+    return attention_reference(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                               query_spec, key_spec, value_spec, probs_spec)
+
+
+@attention.register_fake
+def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec):
+    return _sdpa_layout(query.new_empty((*query.shape[:-1], value.shape[-1])))
+
+
+_compat.register_inductor_decomposition(torch.ops.mxfx.attention.default, attention_reference)

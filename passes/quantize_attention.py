@@ -1,0 +1,126 @@
+"""Quantize the operands of attention matmuls (QK^T and PV) at config-matched attention sites.
+
+SDPA calls become one fused `mxfx.attention` op (reference = the decomposed MX math; Inductor
+compiles it). Explicit matmul forms get `mxfx.fake_quantize` on each matmul operand, blocked along
+that matmul's reduction axis: the last axis of the left operand, the second-to-last of the right
+one (for einsum, the position of the contracted index).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from mxfx.config import MXSpec, QuantConfig
+from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
+from mxfx.passes.insert_qdq import spec_args
+from mxfx.passes.match_attention_sites import ATTENTION_META, SDPA
+
+log = logging.getLogger(__name__)
+aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
+DONE_META = "mxfx_attention_done"
+
+
+def _sdpa_arguments(node: fx.Node) -> dict:
+    names = [a.name for a in SDPA._schema.arguments]
+    bound = {a.name: a.default_value for a in SDPA._schema.arguments if a.has_default_value()}
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _einsum_axes(equation: str) -> Optional[tuple[int, int]]:
+    """Positions of the single contracted index in both operands of a 2-operand einsum, counted
+    from the end (so a leading '...' is fine); None for anything else."""
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    operands = inputs.split(",")
+    if len(operands) != 2 or not output:
+        return None
+    a, b = (s.replace("...", "") for s in operands)
+    contracted = [c for c in a if c in b and c not in output]
+    if len(contracted) != 1 or "..." in a.strip(".") + b.strip("."):
+        return None
+    c = contracted[0]
+    return a.index(c) - len(a), b.index(c) - len(b)
+
+
+class QuantizeAttentionPass(PassBase):
+    """Insert MX quantization on Q, K, V and P at each attention site whose rule asks for it.
+
+    Requires: MatchAttentionSitesPass annotations. Ensures: new nodes carry meta["val"] and the
+    site's nn_module_stack; processed sites are marked, so running twice is a no-op.
+    """
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        fake_mode = fake_mode_of(gm)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        rewrites = 0
+        for node in list(gm.graph.nodes):
+            site = node.meta.get(ATTENTION_META)
+            if site is None or site["rule"] is None or DONE_META in node.meta:
+                continue
+            rule = self.config.rules[site["rule"]]
+            if not rule.quantizes_attention:
+                continue
+            spec = rule.attention
+            if site["form"] == "sdpa":
+                if not self._rewrite_sdpa(gm, node, spec, fake_mode, site["fqn"]):
+                    continue
+            else:
+                self._quantize_matmul(gm, by_name[site["qk"]], spec.query, spec.key, fake_mode)
+                self._quantize_matmul(gm, by_name[site["pv"]], spec.probs, spec.value, fake_mode)
+                node.meta[DONE_META] = True
+            rewrites += 1
+            log.debug("quantized attention at %s (%s)", site["fqn"], site["form"])
+        if rewrites:
+            finish(gm)
+        count_rewrites(gm, type(self).__name__, rewrites)
+        return PassResult(gm, rewrites > 0)
+
+    @staticmethod
+    def _rewrite_sdpa(gm, node, spec, fake_mode, fqn) -> bool:
+        args = _sdpa_arguments(node)
+        if args["dropout_p"] != 0.0:
+            warnings.warn(f"mxfx: attention at {fqn!r} has dropout_p={args['dropout_p']}; left unquantized "
+                          "(export the model in eval mode)", stacklevel=2)
+            return False
+        as_arg = lambda s: "" if s is None else s.to_arg()  # noqa: E731
+        with gm.graph.inserting_before(node):
+            fused = create_call(gm, mxfx_ops.attention.default, (
+                args["query"], args["key"], args["value"], args["attn_mask"], bool(args["is_causal"]), args["scale"],
+                bool(args["enable_gqa"]), as_arg(spec.query), as_arg(spec.key), as_arg(spec.value), as_arg(spec.probs),
+            ), node, fake_mode)
+        fused.meta[ATTENTION_META] = node.meta[ATTENTION_META]
+        fused.meta[DONE_META] = True
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        return True
+
+    @staticmethod
+    def _quantize_matmul(gm, matmul: fx.Node, left: Optional[MXSpec], right: Optional[MXSpec], fake_mode) -> None:
+        if matmul.target is aten.einsum.default:
+            axes = _einsum_axes(matmul.args[0])
+            if axes is None:
+                log.debug("einsum %r not supported for MX attention; left as is", matmul.args[0])
+                return
+            operands = list(matmul.args[1])
+        else:
+            axes, operands = (-1, -2), list(matmul.args[:2])
+        for index, (spec, axis) in enumerate(zip((left, right), axes)):
+            if spec is None:
+                continue
+            with gm.graph.inserting_before(matmul):
+                operands[index] = create_call(gm, mxfx_ops.fake_quantize.default, (operands[index], *spec_args(spec, axis)), matmul, fake_mode)
+        if matmul.target is aten.einsum.default:
+            matmul.update_arg(1, operands)
+        else:
+            matmul.update_arg(0, operands[0])
+            matmul.update_arg(1, operands[1])
