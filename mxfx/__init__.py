@@ -5,9 +5,16 @@ from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
 from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
+from mxfx.inspect import Summary, draw, graph_text, load, save, summary
 from mxfx.prepare import MXFXWarning, PrepareReport, prepare
 
 __all__ = [
+    "Summary",
+    "draw",
+    "graph_text",
+    "load",
+    "save",
+    "summary",
     "AttentionSpec",
     "MXSpec",
     "MXFXWarning",

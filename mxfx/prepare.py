@@ -106,6 +106,8 @@ def prepare(
     for pass_ in pipeline(config):
         pass_(gm)
     gm.mxfx_report = _report(gm, config)
+    # Kept for mxfx.save, which re-exports the prepared module.
+    gm.mxfx_export_args = (example_inputs, example_kwargs or {}, dynamic_shapes, strict)
     return gm
 
 
@@ -140,6 +142,8 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
     for site in sites:
         if site["rule"] is not None:
             counts[site["rule"]] += 1
+            rule = config.rules[site["rule"]]
+            site["skipped"] = not (rule.quantizes_linear if site["kind"] == "linear" else rule.quantizes_attention)
     for index, count in enumerate(counts):
         if count == 0:
             warnings.warn(f"mxfx: {config.rule_label(index)} matched no site", MXFXWarning, stacklevel=3)

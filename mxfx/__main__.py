@@ -1,0 +1,5 @@
+import sys
+
+from mxfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""See what mxfx did to a model: a summary table, a readable graph, a picture, and .pt2 files.
+
+Everything here reads the graph itself (the `mxfx` ops and their arguments), so it works the same
+on a module fresh from `mxfx.prepare` and on one loaded from a `.pt2` file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from tabulate import tabulate
+from torch import fx
+
+from mxfx.errors import ArchiveError, MXTypeError
+from mxfx.formats import get_format
+
+mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
+_REPORT_FILE = "mxfx_report.json"
+
+
+def _site_name(node: fx.Node) -> str:
+    site = node.meta.get("mxfx_site") or node.meta.get("mxfx_attention")
+    if site:
+        return site["fqn"]
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0] if stack else ""
+
+
+def _rule_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    report = getattr(gm, "mxfx_report", None)
+    if report is None:
+        return "-"
+    site = node.meta.get("mxfx_site") or node.meta.get("mxfx_attention")
+    if site is None:  # a loaded module: the report still names each site
+        site = next((s for s in report.sites if s["fqn"] == _site_name(node)), None)
+    if site is None or site.get("rule") is None:
+        return "-"
+    return report.rule_matches[site["rule"]][0].split(" in ")[0]
+
+
+def _spec_text(fmt: str, block: int, scale_mode: str = "floor", rounding: str = "even") -> str:
+    if not fmt:
+        return "-"
+    extra = "" if (scale_mode, rounding) == ("floor", "even") else f" {scale_mode}/{rounding}"
+    return f"{fmt}/{block}{extra}"
+
+
+def _attr(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value
+    return None
+
+
+def site_rows(gm: fx.GraphModule) -> list[dict]:
+    """One dict per quantized or skipped site, read from the graph's mxfx ops and their arguments."""
+    rows: list[dict] = []
+    seen_weights: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is mxfx_ops.linear.default:
+            x, codes, scales, _, wfmt, wblock, in_features, afmt, ablock, amode, arnd = node.args
+            out_features = node.meta["val"].shape[-1] if "val" in node.meta else scales.meta["val"].shape[0]
+            dtype = node.meta["val"].dtype if "val" in node.meta else torch.float32
+            code_t, scale_t = _attr(gm, codes), _attr(gm, scales)
+            after = 0
+            if code_t is not None and id(code_t) not in seen_weights:
+                seen_weights.add(id(code_t))
+                after = code_t.nbytes + scale_t.nbytes
+            before = out_features * in_features * dtype.itemsize if after else 0
+            rows.append(dict(site=_site_name(node), kind="linear", rule=_rule_label(gm, node),
+                             weight=_spec_text(wfmt, wblock), activation=_spec_text(afmt, ablock, amode, arnd),
+                             storage="packed", weight_bytes_before=before, weight_bytes_after=after,
+                             bits_per_weight=round(8 * after / (out_features * in_features), 3) if after else None))
+        elif node.target is aten.linear.default and "mxfx_qdq" in node.meta:  # simulated weights
+            done = node.meta["mxfx_qdq"]
+            w, a = done["weight"], done["activation"]
+            weight = node.args[1].meta["val"]
+            rows.append(dict(site=_site_name(node), kind="linear", rule=_rule_label(gm, node),
+                             weight=w.describe().replace("/b", "/") if w else "-",
+                             activation=a.describe().replace("/b", "/") if a else "-", storage=done["storage"],
+                             weight_bytes_before=weight.numel() * weight.dtype.itemsize,
+                             weight_bytes_after=weight.numel() * weight.dtype.itemsize,
+                             bits_per_weight=float(8 * weight.dtype.itemsize)))
+        elif node.target is mxfx_ops.attention.default:
+            specs = [("-" if not s else _spec_text(*s.split("/")[:2])) for s in node.args[7:11]]
+            rows.append(dict(site=_site_name(node), kind="attention (sdpa)", rule=_rule_label(gm, node),
+                             weight="-", activation=f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}",
+                             storage="-", weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+        elif node.target in (aten.matmul.default, aten.bmm.default, aten.einsum.default):
+            operands = list(node.args[1]) if node.target is aten.einsum.default else list(node.args[:2])
+            quantized = [o for o in operands if isinstance(o, fx.Node) and o.target is mxfx_ops.fake_quantize.default]
+            if quantized:
+                is_pv = any(o.args[0].target in (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+                            for o in quantized if isinstance(o.args[0], fx.Node))
+                text = ", ".join(_spec_text(o.args[1], o.args[2], o.args[4], o.args[5]) for o in quantized)
+                rows.append(dict(site=_site_name(node), kind="PV" if is_pv else "QK^T", rule="-", weight="-",
+                                 activation=text, storage="-", weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+    report = getattr(gm, "mxfx_report", None)
+    if report is not None:
+        for site in report.sites:
+            if site["rule"] is None or site.get("skipped"):
+                rows.append(dict(site=site["fqn"], kind=site["kind"], rule="(no rule)" if site["rule"] is None else "-",
+                                 weight="high precision", activation="high precision", storage="-",
+                                 weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+    return rows
+
+
+@dataclasses.dataclass
+class Summary:
+    """Per-site rows and totals; renders as a table, Markdown, CSV or JSON."""
+
+    rows: list[dict]
+    totals: dict
+
+    def table(self, tablefmt: str = "simple") -> str:
+        body = tabulate([list(r.values()) for r in self.rows], headers=list(self.rows[0]) if self.rows else [], tablefmt=tablefmt)
+        totals = ", ".join(f"{k}: {v}" for k, v in self.totals.items())
+        return f"{body}\n{totals}"
+
+    def to_markdown(self) -> str:
+        return self.table("github")
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        if self.rows:
+            writer = csv.DictWriter(out, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return out.getvalue()
+
+    def to_json(self) -> str:
+        return json.dumps({"sites": self.rows, "totals": self.totals}, indent=2)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def summary(prepared: fx.GraphModule) -> Summary:
+    """The per-site summary of a prepared (or loaded) module: formats, rule, bytes before/after."""
+    if not isinstance(prepared, fx.GraphModule):
+        raise MXTypeError(f"summary takes a module from mxfx.prepare or mxfx.load, got {type(prepared).__name__}")
+    rows = site_rows(prepared)
+    quantized = [r for r in rows if r["weight"] != "high precision"]
+    model_before = sum(p.nbytes for p in prepared.parameters()) + sum(r["weight_bytes_before"] for r in rows)
+    model_after = sum(p.nbytes for p in prepared.parameters()) + sum(b.nbytes for b in prepared.buffers())
+    totals = {"quantized sites": len(quantized), "skipped sites": len(rows) - len(quantized),
+              "model bytes before": model_before, "model bytes after": model_after}
+    return Summary(rows, totals)
+
+
+def graph_text(prepared: fx.GraphModule) -> str:
+    """The FX code of the quantized graph, each mxfx op annotated with its format parameters."""
+    notes = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("mxfx."):
+            notes[node.name] = f"  # MX @ {_site_name(node) or '<root>'}: {_describe_op(node)}"
+    lines = []
+    for line in prepared.code.splitlines():
+        if _ATTRIBUTE_READ.match(line) or "self._guards_fn" in line or not line.strip():
+            continue  # `w = self.layer.weight` lines (the op lines name them) and export's input guards
+        code = line.split(";  ")[0]  # drop FX's `x = None` bookkeeping
+        lines.append(code + notes.get(code.strip().split(" = ")[0], ""))
+    return "\n".join(lines)
+
+
+_ATTRIBUTE_READ = re.compile(r"^\s+\w+ = (self\.|getattr\(self)[^(]*$")
+
+
+def _describe_op(node: fx.Node) -> str:
+    a = node.args
+    if node.target is mxfx_ops.linear.default:
+        act = _spec_text(a[7], a[8], a[9], a[10]) if a[7] else "high precision"
+        return f"weight {_spec_text(a[4], a[5])} (packed), activation {act}"
+    if node.target in (mxfx_ops.fake_quantize.default, mxfx_ops.quantize.default):
+        return f"{_spec_text(a[1], a[2], a[4], a[5])} along axis {a[3]}"
+    if node.target is mxfx_ops.dequantize.default:
+        return f"{_spec_text(a[2], a[3])} along axis {a[4]}"
+    if node.target is mxfx_ops.attention.default:
+        specs = ["-" if not spec else _spec_text(*spec.split("/")) for spec in a[7:11]]
+        return f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}"
+    return str(node.target)
+
+
+def draw(prepared: fx.GraphModule, path: Union[str, Path]) -> Path:
+    """Draw the graph to SVG or PNG (by the file suffix) with Graphviz, mxfx nodes highlighted.
+
+    Needs the `pydot` package and Graphviz's `dot` program (`pip install mxfx[graph]`,
+    `apt-get install graphviz`).
+    """
+    import shutil
+
+    try:
+        import pydot  # noqa: F401
+    except ImportError:
+        raise ArchiveError("drawing needs pydot: pip install pydot (and Graphviz: apt-get install graphviz)") from None
+    if shutil.which("dot") is None:
+        raise ArchiveError("drawing needs Graphviz's 'dot' program: apt-get install graphviz (or brew install graphviz)")
+    from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+    path = Path(path)
+    graph = FxGraphDrawer(prepared, "mxfx", ignore_getattr=True).get_main_dot_graph()
+    for node in graph.get_nodes():
+        if "mxfx" in (node.get("label") or ""):
+            node.set("fillcolor", "orange")
+            node.set("style", "filled")
+    data = graph.create_svg() if path.suffix == ".svg" else graph.create_png()
+    path.write_bytes(data)
+    return path
+
+
+def save(prepared: fx.GraphModule, path: Union[str, Path], example_inputs: Optional[tuple] = None,
+         example_kwargs: Optional[dict] = None) -> Path:
+    """Save a prepared module as a standard torch.export `.pt2` file (the mxfx ops by name).
+
+    The module is re-exported with the example inputs prepare saw (or those given here).
+    """
+    saved = getattr(prepared, "mxfx_export_args", None)
+    if example_inputs is None and saved is None:
+        raise MXTypeError("save needs example_inputs for a module that did not come from mxfx.prepare")
+    args, kwargs, dynamic_shapes, strict = saved if saved is not None else ((), {}, None, False)
+    if example_inputs is not None:
+        args, kwargs, dynamic_shapes = example_inputs, example_kwargs or {}, None
+    program = torch.export.export(prepared, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    report = getattr(prepared, "mxfx_report", None)
+    extra = {_REPORT_FILE: json.dumps(dataclasses.asdict(report) if report else {}, default=str)}
+    torch.export.save(program, str(path), extra_files=extra)
+    return Path(path)
+
+
+def load(path: Union[str, Path]) -> fx.GraphModule:
+    """Load a `.pt2` file written by `mxfx.save` (import mxfx first: it registers the ops).
+
+    Raises:
+        ArchiveError: the file is missing, not a torch.export archive, or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArchiveError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ArchiveError(f"{path} is not a torch.export .pt2 archive (not a zip file; truncated or another format?)")
+    extra: dict[str, Any] = {_REPORT_FILE: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as error:  # torch raises many types for a damaged archive
+        raise ArchiveError(f"{path} could not be loaded as a torch.export archive: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:300] if str(error) else ''}") from error
+    module = program.module()
+    if extra[_REPORT_FILE]:
+        from mxfx.prepare import PrepareReport
+
+        data = json.loads(extra[_REPORT_FILE])
+        if data:
+            module.mxfx_report = PrepareReport(tuple(data["sites"]), tuple(map(tuple, data["rule_matches"])), data["rewrites"])
+    return module
+
+
+def bits_per_element(elem_format: str, block_size: int = 32) -> float:
+    """Storage bits per element: element bits plus the 8-bit scale shared by a block."""
+    return get_format(elem_format).bits + 8 / block_size
