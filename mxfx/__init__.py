@@ -6,9 +6,15 @@ from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, p
 from mxfx.errors import ArchiveError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
+from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
 from mxfx.prepare import MXFXWarning, PrepareReport, prepare
 
 __all__ = [
+    "SearchResult",
+    "SensitivityReport",
+    "evaluate",
+    "search",
+    "sensitivity",
     "Summary",
     "draw",
     "graph_text",

@@ -3,6 +3,8 @@
     mxfx formats
     mxfx quantize MODEL --config CONFIG [--inputs SPEC] --out FILE.pt2
     mxfx inspect FILE.pt2 [--graph] [--svg OUT] [--format table|markdown|csv|json]
+    mxfx sensitivity MODEL --formats F1,F2 --mode local|isolated|all-but-one --out report.json [--md] [--plot PNG]
+    mxfx search MODEL --formats F1,F2 --budget-bits B --out config.toml
 
 MODEL is `package.module:factory`; the factory returns a model, or (model, example_inputs).
 Exit codes: 0 success, 2 usage error, 1 failure (one line; --debug shows the traceback).
@@ -61,12 +63,7 @@ def _cmd_quantize(args) -> None:
     import mxfx
 
     start = _progress(f"building {args.model}")
-    model, example = load_factory(args.model)
-    if args.inputs:
-        example = parse_inputs(args.inputs)
-    if example is None:
-        raise ValueError("no example inputs: pass --inputs (e.g. 2x16:int64) or return (model, inputs) from the factory")
-    example = example if isinstance(example, tuple) else (example,)
+    model, example = _example_inputs(args)
     _done(start)
     start = _progress("exporting and quantizing")
     prepared = mxfx.prepare(model, args.config, example)
@@ -91,6 +88,44 @@ def _cmd_inspect(args) -> None:
         print(f"wrote {mxfx.draw(module, args.svg)}")
 
 
+def _example_inputs(args):
+    model, example = load_factory(args.model)
+    if args.inputs:
+        example = parse_inputs(args.inputs)
+    if example is None:
+        raise ValueError("no example inputs: pass --inputs (e.g. 2x16:int64) or return (model, inputs) from the factory")
+    return model, example if isinstance(example, tuple) else (example,)
+
+
+def _print_progress(done: int, total: int, elapsed: float, label: str) -> None:
+    eta = elapsed / done * (total - done)
+    print(f"mxfx: {done}/{total} {label}  {elapsed:.1f} s elapsed, ~{eta:.1f} s left", file=sys.stderr, flush=True)
+
+
+def _cmd_sensitivity(args) -> None:
+    import mxfx
+
+    model, example = _example_inputs(args)
+    report = mxfx.sensitivity(model, example, args.formats.split(","), mode=args.mode, metric=args.metric,
+                              progress=_print_progress, resume=args.out)
+    print(report.to_markdown() if args.md else report.table())
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
+
+
+def _cmd_search(args) -> None:
+    import mxfx
+
+    model, example = _example_inputs(args)
+    _, result = mxfx.search(model, example, args.formats.split(","), budget_bits=args.budget_bits,
+                            toml_path=args.out, progress=_print_progress)
+    print(f"average bits per weight: {result.average_bits:.3f}; predicted MSE {result.predicted['mse']:.4g}, "
+          f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
+    for site, fmt in result.assignment.items():
+        print(f"  {site}: {fmt}")
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mxfx", description="MX (microscaling) quantization for PyTorch 2 graphs")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -108,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--svg", help="draw the graph to this SVG/PNG file (needs Graphviz)")
     inspect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     inspect.set_defaults(run=_cmd_inspect)
+    sens = commands.add_parser("sensitivity", help="per-layer sensitivity report")
+    sens.add_argument("model")
+    sens.add_argument("--inputs")
+    sens.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1,int8")
+    sens.add_argument("--mode", choices=["local", "isolated", "all-but-one"], default="local")
+    sens.add_argument("--metric", choices=["sqnr", "mse", "cosine", "kl", "rel_error"], default="sqnr")
+    sens.add_argument("--out", required=True, help="report JSON (also the resume file of an interrupted run)")
+    sens.add_argument("--md", action="store_true", help="print Markdown")
+    sens.add_argument("--plot", help="heat map PNG/SVG (needs matplotlib)")
+    sens.set_defaults(run=_cmd_sensitivity)
+    search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget")
+    search.add_argument("model")
+    search.add_argument("--inputs")
+    search.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1")
+    search.add_argument("--budget-bits", type=float, required=True)
+    search.add_argument("--out", required=True, help="TOML config to write")
+    search.set_defaults(run=_cmd_search)
     return parser
 
 

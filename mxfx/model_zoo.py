@@ -110,3 +110,20 @@ class NanoGPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
+
+
+class FragileMLP(nn.Module):
+    """An MLP whose second layer `b` is deliberately fragile under MX: its input carries one huge
+    channel per 32-block (a "massive activation") whose weights are zero, so block scaling crushes
+    the small channels that `b`'s output depends on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 16)
+        with torch.no_grad():
+            self.b.weight[:, ::32] = 0.0
+        self.register_buffer("boost", torch.ones(128).index_fill(0, torch.arange(0, 128, 32), 1000.0))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * self.boost
+        return self.d(torch.relu(self.c(torch.relu(self.b(h)))))
