@@ -8,12 +8,13 @@ done with a plain frozen dataclass (`MXData`) and the `torch.ops.mxfx` ops.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from mxfx.errors import FormatError, MXTypeError, MXValueError
+from mxfx.errors import FormatError, MXFXWarning, MXTypeError, MXValueError
 from mxfx.formats import ElementFormat, get_format
 from mxfx.numerics import ROUNDINGS, SCALE_MODES
 
@@ -64,6 +65,17 @@ class MXData:
 
 def _names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def warn_if_infinite(x: Tensor, where: str) -> None:
+    """Warn (once per site) that ±Inf in `x` turns its whole MX block into NaN (scale 0xFF)."""
+    if where not in _WARNED_INF and not torch.compiler.is_compiling() and bool(torch.isinf(x).any()):
+        _WARNED_INF.add(where)
+        warnings.warn(f"mxfx: {where} holds ±Inf; each MX block containing it decodes to NaN (scale 0xFF, "
+                      "see the README's NaN/Inf policy)", MXFXWarning, stacklevel=3)
+
+
+_WARNED_INF: set[str] = set()
 
 
 def check_float_tensor(x, what: str = "input") -> None:
@@ -128,6 +140,7 @@ def quantize(
     check_float_tensor(x)
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
+    warn_if_infinite(x, "the tensor passed to mxfx.quantize")
     codes, scales = torch.ops.mxfx.quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
     return MXData(codes, scales, name, block_size, axis, tuple(x.shape), x.dtype, scale_mode, rounding)
 
@@ -154,6 +167,7 @@ def fake_quantize(
     check_float_tensor(x)
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
+    warn_if_infinite(x, "the tensor passed to mxfx.fake_quantize")
     return torch.ops.mxfx.fake_quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
 
 

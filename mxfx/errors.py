@@ -33,3 +33,11 @@ class ExportError(MXFXError, RuntimeError):
 
 class ArchiveError(MXFXError, ValueError):
     """A file that is not a readable mxfx / torch.export archive."""
+
+
+class InputGuardError(MXFXError, ValueError):
+    """A prepared module was called with inputs its export does not cover (e.g. another batch size)."""
+
+
+class MXFXWarning(UserWarning):
+    """Warnings from mxfx: rules that match nothing, Inf inputs that turn MX blocks into NaN, ..."""

@@ -250,6 +250,13 @@ def load(path: Union[str, Path]) -> fx.GraphModule:
         raise ArchiveError(f"no such file: {path}")
     if not zipfile.is_zipfile(path):
         raise ArchiveError(f"{path} is not a torch.export .pt2 archive (not a zip file; truncated or another format?)")
+    with zipfile.ZipFile(path) as archive:
+        try:
+            damaged = archive.testzip()  # CRC of every member: torch's reader does not check them
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            damaged = f"({error})"
+    if damaged is not None:
+        raise ArchiveError(f"{path} is damaged: member {damaged} fails its CRC check; write it again with mxfx.save")
     extra: dict[str, Any] = {_REPORT_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)

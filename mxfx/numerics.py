@@ -292,7 +292,8 @@ def dequantize_last_axis(
     values = decode_elements(unpack_codes(codes, fmt), fmt)[..., : n_blocks * block_size]
     values = values.reshape(*values.shape[:-1], n_blocks, block_size)
     out = values * decode_scales(scales).unsqueeze(-1)  # X * P_i, exact in fp32
-    return out.reshape(*out.shape[:-2], n_blocks * block_size)[..., :n].to(dtype)
+    # contiguous: a sliced (padded) weight would send F.linear down another GEMM path
+    return out.reshape(*out.shape[:-2], n_blocks * block_size)[..., :n].to(dtype).contiguous()
 
 
 def fake_quantize_last_axis(

@@ -10,8 +10,10 @@ and lower the MX ops there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import warnings
 from typing import Any, Optional, Union
 
@@ -19,8 +21,8 @@ import torch
 from torch import fx
 
 from mxfx.config import QuantConfig, load_config
-from mxfx.errors import ExportError, MXTypeError
-from mxfx.passes._utils import mxfx_meta
+from mxfx.errors import ExportError, InputGuardError, MXFXWarning, MXTypeError
+from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
@@ -31,10 +33,6 @@ from mxfx.passes.quantize_attention import QuantizeAttentionPass
 log = logging.getLogger(__name__)
 
 
-class MXFXWarning(UserWarning):
-    """Warnings from mxfx: rules that match nothing, NaN blocks, ..."""
-
-
 @dataclasses.dataclass(frozen=True)
 class PrepareReport:
     """What prepare did: every site with its rule, and how many sites each rule matched."""
@@ -42,6 +40,27 @@ class PrepareReport:
     sites: tuple[dict, ...]  # {"fqn", "kind", "rule", ...}
     rule_matches: tuple[tuple[str, int], ...]  # (rule label, sites matched)
     rewrites: dict  # pass name -> rewrites
+
+
+# torch.export keeps tracing state in process globals (mode stacks, the module hierarchy), so two
+# threads exporting at once corrupt each other; the export step is serialized, the passes are not.
+_EXPORT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Export in eval mode and restore the model's mode afterwards (modules from torch.export,
+    e.g. a prepared module, have no train/eval switch and are left as they are)."""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def export_model(model: torch.nn.Module, args: tuple, kwargs: Optional[dict], *, strict: bool,
@@ -95,20 +114,38 @@ def prepare(
     config = load_config(config)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    was_training = model.training
-    model.eval()
-    try:
+    with _EXPORT_LOCK, _eval_mode(model):
         program = export_model(model, example_inputs, example_kwargs, strict=strict, dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(was_training)
     gm = program.module()
+    gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
     _detach_parameters(gm)
+    if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
+        gm._guards_fn = _ExplainedGuards(gm._guards_fn)
     for pass_ in pipeline(config):
         pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
     gm.mxfx_export_args = (example_inputs, example_kwargs or {}, dynamic_shapes, strict)
     return gm
+
+
+class _ExplainedGuards(torch.nn.Module):
+    """torch.export's input guards, re-raised as an mxfx error that says what to do."""
+
+    def __init__(self, guards: torch.nn.Module) -> None:
+        super().__init__()
+        self.guards = guards
+        self._is_impure = True  # a side-effect-only call: keep it through dead-code elimination
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.guards(*args, **kwargs)
+        except AssertionError as error:
+            raise InputGuardError(
+                f"the prepared module was exported for other input shapes ({error}); to accept other "
+                "batch or sequence sizes, pass dynamic_shapes to mxfx.prepare, e.g. "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)"
+            ) from None
 
 
 def _detach_parameters(gm: fx.GraphModule) -> None:
@@ -121,6 +158,30 @@ def _detach_parameters(gm: fx.GraphModule) -> None:
             replacements[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=False)
         owner_path, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, replacements[id(param)])
+
+
+def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
+    """Run `prepared` once and name every site whose MX-quantized operand holds ±Inf or NaN (its
+    blocks decode to NaN); warns once per site. Returns the site names."""
+    from mxfx.api import warn_if_infinite
+
+    quantizing = {torch.ops.mxfx.fake_quantize.default, torch.ops.mxfx.linear.default, torch.ops.mxfx.attention.default}
+    found: list[str] = []
+
+    class Checker(fx.Interpreter):
+        def run_node(self, node):
+            if node.op == "call_function" and node.target in quantizing:
+                x = self.env[node.args[0]]
+                stack = list((node.meta.get("nn_module_stack") or {}).values())
+                site = (node.meta.get("mxfx_site") or {}).get("fqn") or (stack[-1][0] if stack else "<root>")
+                if not torch.isfinite(x).all():
+                    found.append(site)
+                    warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Checker(prepared).run(*torch.utils._pytree.tree_leaves((args, kwargs)))
+    return list(dict.fromkeys(found))
 
 
 def pipeline(config: QuantConfig) -> list:

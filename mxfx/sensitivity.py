@@ -37,7 +37,7 @@ from mxfx.config import MXSpec, QuantConfig, Rule
 from mxfx.errors import MXValueError
 from mxfx.formats import get_format
 from mxfx.passes.match_linear_sites import SITE_META
-from mxfx.prepare import export_model, pipeline
+from mxfx.prepare import _EXPORT_LOCK, _eval_mode, export_model, pipeline
 
 log = logging.getLogger(__name__)
 MODES = ("local", "isolated", "all-but-one")
@@ -167,12 +167,8 @@ def _progress_logger(done: int, total: int, elapsed: float, label: str) -> None:
 
 
 def _base_graph(model, example: tuple, strict: bool) -> fx.GraphModule:
-    was_training = model.training
-    model.eval()
-    try:
+    with _EXPORT_LOCK, _eval_mode(model):
         program = export_model(model, example, None, strict=strict, dynamic_shapes=None)
-    finally:
-        model.train(was_training)
     gm = program.module()
     for pass_ in pipeline(QuantConfig((Rule(match=".*", skip=True),)))[:3]:  # find the sites only
         pass_(gm)

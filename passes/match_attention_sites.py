@@ -107,7 +107,6 @@ class MatchAttentionSitesPass(PassBase):
                 changed += 1
             sites.append(site)
             log.debug("attention site %s (%s)", fqn, form)
-        if changed:
-            mxfx_meta(gm)["attention_sites"] = sites
+        mxfx_meta(gm)["attention_sites"] = sites
         count_rewrites(gm, type(self).__name__, changed)
         return PassResult(gm, changed > 0)

@@ -51,7 +51,6 @@ class MatchLinearSitesPass(PassBase):
                 changed += 1
             sites.append(site)
             log.debug("linear site %s -> %s", fqn, "no rule" if match is None else self.config.rule_label(match[0]))
-        if changed:
-            mxfx_meta(gm)["linear_sites"] = sites
+        mxfx_meta(gm)["linear_sites"] = sites
         count_rewrites(gm, type(self).__name__, changed)
         return PassResult(gm, changed > 0)
