@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_quantize.py
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_sensitivity.py
 
 lint: setup
 	$(BIN)/ruff check mxfx passes configs tests examples benchmarks

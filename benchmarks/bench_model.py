@@ -21,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 import mxfx
-from mxfx.config import MXSpec, QuantConfig, Rule
+from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.model_zoo import NanoGPT
 
 warnings.filterwarnings("ignore")
@@ -42,10 +42,13 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def linear_config(weight: str, activation, storage: str) -> QuantConfig:
+def linear_config(weight: str, activation, storage: str, attention: bool = False) -> QuantConfig:
+    spec = MXSpec(weight)
+    rules = [Rule(match=r".*\.attn", attention=AttentionSpec(spec, spec, spec, spec))] if attention else []
     return QuantConfig((
+        *rules,
         Rule(match="lm_head", skip=True),
-        Rule(match=".*", weight=MXSpec(weight), activation=None if activation is None else MXSpec(activation), weight_storage=storage),
+        Rule(match=".*", weight=spec, activation=None if activation is None else MXSpec(activation), weight_storage=storage),
     ))
 
 
@@ -94,6 +97,7 @@ def main() -> None:
             ("mxfx MXFP8 compiled (packed)", linear_config("fp8_e4m3", "fp8_e4m3", "packed")),
             ("mxfx MXFP8 compiled (simulated)", linear_config("fp8_e4m3", "fp8_e4m3", "simulated")),
             ("mxfx MXFP4 weights compiled (packed)", linear_config("fp4_e2m1", None, "packed")),
+            ("mxfx MXFP8 linears + attention compiled (packed)", linear_config("fp8_e4m3", "fp8_e4m3", "packed", attention=True)),
         ):
             torch._dynamo.reset()
             prepared = mxfx.prepare(model, cfg, (idx,))

@@ -3,12 +3,21 @@
 from mxfx import attention, ops  # noqa: F401  (register the torch.ops.mxfx ops)
 from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
-from mxfx.errors import ArchiveError, InputGuardError, ConfigError, ExportError, FormatError, MXFXError, MXTypeError, MXValueError
+from mxfx.errors import (
+    ArchiveError,
+    ConfigError,
+    ExportError,
+    FormatError,
+    InputGuardError,
+    MXFXError,
+    MXFXWarning,
+    MXTypeError,
+    MXValueError,
+)
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
-from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
-from mxfx.errors import MXFXWarning
 from mxfx.prepare import PrepareReport, check_nonfinite, prepare
+from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
 
 __all__ = [
     "check_nonfinite",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -53,7 +52,7 @@ class MXData:
         """Bytes of storage: packed codes plus scales."""
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Decode to a dense tensor of the original shape, in `dtype` (default: the original)."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in SUPPORTED_DTYPES:
@@ -89,6 +88,16 @@ def check_float_tensor(x, what: str = "input") -> None:
         )
     if x.dim() == 0:
         raise MXValueError(f"{what} is 0-d; MX blocks need an axis (reshape to 1-D, e.g. x.reshape(1))")
+
+
+def _check_compilable(x: Tensor, axis: int, block_size: int, rounding: str) -> None:
+    """Refuse the one combination Inductor (CPU, torch 2.13) miscompiles in our tests: stochastic
+    rounding over a zero-padded partial block gave wrong values. Eager mode is correct."""
+    if rounding == "stochastic" and torch.compiler.is_compiling() and x.shape[axis] % block_size != 0:
+        raise MXValueError(
+            f"stochastic rounding with a partial trailing block (axis length {x.shape[axis]}, block {block_size}) is "
+            "not supported under torch.compile (a known Inductor miscompile); run it eagerly or use whole blocks"
+        )
 
 
 def check_options(elem_format, block_size, scale_mode="floor", rounding="even") -> str:
@@ -141,11 +150,12 @@ def quantize(
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
     warn_if_infinite(x, "the tensor passed to mxfx.quantize")
+    _check_compilable(x, axis, block_size, rounding)
     codes, scales = torch.ops.mxfx.quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
     return MXData(codes, scales, name, block_size, axis, tuple(x.shape), x.dtype, scale_mode, rounding)
 
 
-def dequantize(data: MXData, dtype: Optional[torch.dtype] = None) -> Tensor:
+def dequantize(data: MXData, dtype: torch.dtype | None = None) -> Tensor:
     """Decode MXData to a dense tensor (same as `data.dequantize(dtype)`)."""
     if not isinstance(data, MXData):
         raise MXTypeError(f"dequantize takes mxfx.MXData (from mxfx.quantize), got {type(data).__name__}")
@@ -168,10 +178,11 @@ def fake_quantize(
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
     warn_if_infinite(x, "the tensor passed to mxfx.fake_quantize")
+    _check_compilable(x, axis, block_size, rounding)
     return torch.ops.mxfx.fake_quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
 
 
-def matmul(a: MXData, b: MXData, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def matmul(a: MXData, b: MXData, *, out_dtype: torch.dtype | None = None) -> Tensor:
     """A @ B for MX operands (2-D to 4-D, batch dims broadcast), accumulated in fp32.
 
     `a` must be blocked along its last axis and `b` along its second-to-last: the reduction axis
@@ -206,9 +217,9 @@ def matmul(a: MXData, b: MXData, *, out_dtype: Optional[torch.dtype] = None) -> 
 def linear(
     x: Tensor,
     weight: Tensor | MXData,
-    bias: Optional[Tensor] = None,
-    weight_format: Optional[str] = "fp8_e4m3",
-    activation_format: Optional[str] = "fp8_e4m3",
+    bias: Tensor | None = None,
+    weight_format: str | None = "fp8_e4m3",
+    activation_format: str | None = "fp8_e4m3",
     *,
     block_size: int = 32,
     scale_mode: str = "floor",

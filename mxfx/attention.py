@@ -17,7 +17,6 @@ four empty the op is plain fp32 SDPA math. Inference only (no autograd formula).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,8 +36,8 @@ def _maybe_quantize(x: Tensor, spec: str, axis: int) -> Tensor:
 
 
 def attention_reference(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-    scale: Optional[float], enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str, probs_spec: str,
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
+    scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str, probs_spec: str,
 ) -> Tensor:
     """SDPA semantics (dropout 0) with MX quantization of Q, K, V and the softmax output P."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -76,9 +75,9 @@ def attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Optional[Tensor],
+    attn_mask: Tensor | None,
     is_causal: bool,
-    scale: Optional[float],
+    scale: float | None,
     enable_gqa: bool,
     query_spec: str,
     key_spec: str,

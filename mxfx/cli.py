@@ -16,7 +16,6 @@ import argparse
 import importlib
 import sys
 import time
-from typing import Optional
 
 import torch
 
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
+
+import tomllib
 
 from mxfx.errors import ConfigError, MXFXError
 from mxfx.formats import get_format
@@ -57,7 +58,7 @@ class MXSpec:
         return f"{self.format}/{self.block_size}/{self.scale_mode}/{self.rounding}"
 
     @classmethod
-    def from_arg(cls, text: str) -> Optional["MXSpec"]:
+    def from_arg(cls, text: str) -> MXSpec | None:
         """Inverse of `to_arg`; "" means no quantization (None)."""
         if not text:
             return None
@@ -74,10 +75,10 @@ class MXSpec:
 class AttentionSpec:
     """MX specs for the operands of an attention site's two matmuls; None keeps one in high precision."""
 
-    query: Optional[MXSpec] = None  # Q in Q @ K^T, blocked along head_dim
-    key: Optional[MXSpec] = None  # K in Q @ K^T, blocked along head_dim
-    value: Optional[MXSpec] = None  # V in P @ V, blocked along the sequence axis
-    probs: Optional[MXSpec] = None  # softmax output P in P @ V, blocked along the key axis
+    query: MXSpec | None = None  # Q in Q @ K^T, blocked along head_dim
+    key: MXSpec | None = None  # K in Q @ K^T, blocked along head_dim
+    value: MXSpec | None = None  # V in P @ V, blocked along the sequence axis
+    probs: MXSpec | None = None  # softmax output P in P @ V, blocked along the key axis
 
     def is_empty(self) -> bool:
         return all(getattr(self, name) is None for name in ATTENTION_OPERANDS)
@@ -88,9 +89,9 @@ class Rule:
     """One config rule: sites whose FQN fully matches `match` get these specs."""
 
     match: str  # regex, matched with re.fullmatch against the site's fully qualified name
-    weight: Optional[MXSpec] = None  # linear weights, blocked along in_features
-    activation: Optional[MXSpec] = None  # linear inputs, blocked along in_features
-    attention: Optional[AttentionSpec] = None  # attention sites
+    weight: MXSpec | None = None  # linear weights, blocked along in_features
+    activation: MXSpec | None = None  # linear inputs, blocked along in_features
+    attention: AttentionSpec | None = None  # attention sites
     skip: bool = False  # matched sites stay in high precision
     weight_storage: str = "packed"  # "packed": keep codes + scales only; "simulated": fake-quantized fp weights
     name: str = ""  # for messages, e.g. "rule 2 in configs/llm.toml"
@@ -131,7 +132,7 @@ class QuantConfig:
             if not isinstance(rule, Rule):
                 raise ConfigError(f"QuantConfig.rules must hold mxfx.Rule objects, got {type(rule).__name__}")
 
-    def first_match(self, fqn: str, kind: str = "linear") -> Optional[tuple[int, Rule]]:
+    def first_match(self, fqn: str, kind: str = "linear") -> tuple[int, Rule] | None:
         """(index, rule) of the first rule matching `fqn`, or None. `kind` is unused by matching
         (one list of rules for all sites) and kept for messages."""
         for index, rule in enumerate(self.rules):
@@ -151,7 +152,7 @@ _RULE_KEYS = {"match", "skip", "weight", "activation", "attention", "weight_stor
 _DEFAULT_KEYS = _SPEC_KEYS - {"format"} | {"weight_storage"}
 
 
-def _spec(value: Any, defaults: dict, where: str) -> Optional[MXSpec]:
+def _spec(value: Any, defaults: dict, where: str) -> MXSpec | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -228,7 +229,7 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in resources.files("mxfx.configs").iterdir() if p.name.endswith(".toml"))
 
 
-def load_config(path_or_name: Union[str, Path, QuantConfig]) -> QuantConfig:
+def load_config(path_or_name: str | Path | QuantConfig) -> QuantConfig:
     """Load a QuantConfig from a preset name (see `preset_names()`) or a TOML file path.
 
     Raises:

@@ -13,7 +13,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from tabulate import tabulate
@@ -53,7 +53,7 @@ def _spec_text(fmt: str, block: int, scale_mode: str = "floor", rounding: str = 
     return f"{fmt}/{block}{extra}"
 
 
-def _attr(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         value = gm
         for part in str(node.target).split("."):
@@ -193,7 +193,7 @@ def _describe_op(node: fx.Node) -> str:
     return str(node.target)
 
 
-def draw(prepared: fx.GraphModule, path: Union[str, Path]) -> Path:
+def draw(prepared: fx.GraphModule, path: str | Path) -> Path:
     """Draw the graph to SVG or PNG (by the file suffix) with Graphviz, mxfx nodes highlighted.
 
     Needs the `pydot` package and Graphviz's `dot` program (`pip install mxfx[graph]`,
@@ -220,8 +220,8 @@ def draw(prepared: fx.GraphModule, path: Union[str, Path]) -> Path:
     return path
 
 
-def save(prepared: fx.GraphModule, path: Union[str, Path], example_inputs: Optional[tuple] = None,
-         example_kwargs: Optional[dict] = None) -> Path:
+def save(prepared: fx.GraphModule, path: str | Path, example_inputs: tuple | None = None,
+         example_kwargs: dict | None = None) -> Path:
     """Save a prepared module as a standard torch.export `.pt2` file (the mxfx ops by name).
 
     The module is re-exported with the example inputs prepare saw (or those given here).
@@ -239,7 +239,7 @@ def save(prepared: fx.GraphModule, path: Union[str, Path], example_inputs: Optio
     return Path(path)
 
 
-def load(path: Union[str, Path]) -> fx.GraphModule:
+def load(path: str | Path) -> fx.GraphModule:
     """Load a `.pt2` file written by `mxfx.save` (import mxfx first: it registers the ops).
 
     Raises:

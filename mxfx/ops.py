@@ -11,8 +11,6 @@ inference only.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -142,7 +140,7 @@ def linear(
     x: Tensor,
     weight_codes: Tensor,
     weight_scales: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     weight_format: str,
     weight_block_size: int,
     in_features: int,

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import warnings
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import fx
@@ -63,7 +63,7 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def export_model(model: torch.nn.Module, args: tuple, kwargs: Optional[dict], *, strict: bool,
+def export_model(model: torch.nn.Module, args: tuple, kwargs: dict | None, *, strict: bool,
                  dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """torch.export the model; failures become an ExportError that says why and what to try."""
     name = type(model).__name__
@@ -82,10 +82,10 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: Optional[dict], *,
 
 def prepare(
     model: torch.nn.Module,
-    config: Union[QuantConfig, str],
+    config: QuantConfig | str,
     example_inputs: tuple = (),
     *,
-    example_kwargs: Optional[dict] = None,
+    example_kwargs: dict | None = None,
     strict: bool = False,
     dynamic_shapes: Any = None,
 ) -> fx.GraphModule:

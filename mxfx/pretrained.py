@@ -16,8 +16,8 @@ import importlib.util
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

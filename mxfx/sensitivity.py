@@ -24,8 +24,9 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,15 +126,15 @@ class SensitivityReport:
         return json.dumps({"mode": self.mode, "metric": self.metric, "rows": self.rows}, indent=1, default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> "SensitivityReport":
+    def from_json(cls, text: str) -> SensitivityReport:
         data = json.loads(text)
         return cls([dict(r, sqnr=float(r["sqnr"])) for r in data["rows"]], data["mode"], data.get("metric", "sqnr"))
 
-    def value(self, site: str, fmt: str, metric: Optional[str] = None) -> float:
+    def value(self, site: str, fmt: str, metric: str | None = None) -> float:
         metric = metric or self.metric
         return next(r[metric] for r in self.rows if r["site"] == site and r["format"] == fmt)
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: str | Path) -> Path:
         """A heat map of sites x formats (the report's metric) to PNG/SVG; needs matplotlib."""
         try:
             import matplotlib
@@ -199,12 +200,12 @@ def sensitivity(
     *,
     mode: str = "local",
     metric: str = "sqnr",
-    sites: Optional[Iterable[str]] = None,
+    sites: Iterable[str] | None = None,
     activations: bool = True,
     block_size: int = 32,
     strict: bool = False,
-    progress: Optional[Callable[[int, int, float, str], None]] = _progress_logger,
-    resume: Optional[Union[str, Path]] = None,
+    progress: Callable[[int, int, float, str], None] | None = _progress_logger,
+    resume: str | Path | None = None,
 ) -> SensitivityReport:
     """Measure how much each linear site loses under each MX format.
 
@@ -312,9 +313,9 @@ def search(
     budget_bits: float,
     block_size: int = 32,
     activations: bool = True,
-    report: Optional[SensitivityReport] = None,
-    toml_path: Optional[Union[str, Path]] = None,
-    progress: Optional[Callable] = _progress_logger,
+    report: SensitivityReport | None = None,
+    toml_path: str | Path | None = None,
+    progress: Callable | None = _progress_logger,
 ) -> tuple[QuantConfig, SearchResult]:
     """Pick a format per linear site so the average bits per weight element is <= budget_bits,
     minimizing the model-output MSE predicted from isolated sensitivities (greedy: cheapest loss

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import pydoc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -46,7 +47,7 @@ def linear_site_name(node: fx.Node, weight: fx.Node) -> str:
     return target.removesuffix(".weight")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_linear_class(type_name) -> bool:
     """Whether nn_module_stack's type (a class or its qualified name) is an nn.Linear subclass."""
     cls = pydoc.locate(type_name) if isinstance(type_name, str) else type_name

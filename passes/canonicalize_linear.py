@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 
 import torch
+from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-
-from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

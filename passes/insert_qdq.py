@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from mxfx.passes._utils import count_rewrites, create_call, create_get_attr, fake_mode_of, finish
+from mxfx.passes.match_linear_sites import SITE_META, linear_weight
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx import api
 from mxfx.config import MXSpec, QuantConfig
-from mxfx.passes._utils import count_rewrites, create_call, create_get_attr, fake_mode_of, finish
-from mxfx.passes.match_linear_sites import SITE_META, linear_weight
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx

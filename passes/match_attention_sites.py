@@ -6,14 +6,13 @@ attention). A site is named by the module the call happens in (e.g. `model.layer
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
+from mxfx.passes._utils import count_rewrites, module_stack, mxfx_meta
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import QuantConfig
-from mxfx.passes._utils import count_rewrites, module_stack, mxfx_meta
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -43,7 +42,7 @@ def _matmul_operands(node: fx.Node) -> list:
     return list(node.args[1]) if node.target is aten.einsum.default else list(node.args[:2])
 
 
-def find_qk_matmul(softmax: fx.Node, depth: int = 8) -> Optional[fx.Node]:
+def find_qk_matmul(softmax: fx.Node, depth: int = 8) -> fx.Node | None:
     """The matmul producing the softmax's scores, through scaling/masking/cast ops."""
     frontier = [softmax.args[0]]
     for _ in range(depth):
@@ -57,7 +56,7 @@ def find_qk_matmul(softmax: fx.Node, depth: int = 8) -> Optional[fx.Node]:
     return None
 
 
-def find_pv_matmul(softmax: fx.Node, depth: int = 4) -> Optional[fx.Node]:
+def find_pv_matmul(softmax: fx.Node, depth: int = 4) -> fx.Node | None:
     """The matmul whose first operand is the softmax output (through dropout/cast ops)."""
     frontier = [softmax]
     for _ in range(depth):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from mxfx.passes._utils import count_rewrites, linear_site_name, mxfx_meta
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import QuantConfig
-from mxfx.passes._utils import count_rewrites, linear_site_name, mxfx_meta
 
 log = logging.getLogger(__name__)
 SITE_META = "mxfx_site"  # node.meta key: {"fqn": str, "kind": "linear", "rule": int | None}

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
 
 import torch
+from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
+from mxfx.passes.insert_qdq import spec_args
+from mxfx.passes.match_attention_sites import ATTENTION_META, SDPA
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import MXSpec, QuantConfig
-from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
-from mxfx.passes.insert_qdq import spec_args
-from mxfx.passes.match_attention_sites import ATTENTION_META, SDPA
 
 log = logging.getLogger(__name__)
 aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
@@ -34,7 +33,7 @@ def _sdpa_arguments(node: fx.Node) -> dict:
     return bound
 
 
-def _einsum_axes(equation: str) -> Optional[tuple[int, int]]:
+def _einsum_axes(equation: str) -> tuple[int, int] | None:
     """Positions of the single contracted index in both operands of a 2-operand einsum, counted
     from the end (so a leading '...' is fine); None for anything else."""
     inputs, _, output = equation.replace(" ", "").partition("->")
@@ -105,7 +104,7 @@ class QuantizeAttentionPass(PassBase):
         return True
 
     @staticmethod
-    def _quantize_matmul(gm, matmul: fx.Node, left: Optional[MXSpec], right: Optional[MXSpec], fake_mode) -> None:
+    def _quantize_matmul(gm, matmul: fx.Node, left: MXSpec | None, right: MXSpec | None, fake_mode) -> None:
         if matmul.target is aten.einsum.default:
             axes = _einsum_axes(matmul.args[0])
             if axes is None:

@@ -116,7 +116,7 @@ def round_to_grid(v: Fraction, name: str, rounding: str = "even") -> Fraction:
     if a >= grid[-1][0]:
         return sign * grid[-1][0]
     i = bisect.bisect_right(_grid_values(name), a) - 1  # grid[i] <= a < grid[i + 1]
-    (lo, lo_code), (hi, hi_code) = grid[i], grid[i + 1]
+    (lo, lo_code), (hi, _) = grid[i], grid[i + 1]
     if rounding == "toward_zero":
         r = lo
     elif a - lo < hi - a:

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bits_equal
+from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
+from mxfx.passes.quantize_attention import QuantizeAttentionPass, _einsum_axes
 
 import mxfx
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.model_zoo import CausalSelfAttention, NanoGPT
-from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
-from mxfx.passes.quantize_attention import QuantizeAttentionPass, _einsum_axes
 
 E4M3, INT8 = MXSpec("fp8_e4m3"), MXSpec("int8", block_size=16)
 
