@@ -90,16 +90,6 @@ def check_float_tensor(x, what: str = "input") -> None:
         raise MXValueError(f"{what} is 0-d; MX blocks need an axis (reshape to 1-D, e.g. x.reshape(1))")
 
 
-def _check_compilable(x: Tensor, axis: int, block_size: int, rounding: str) -> None:
-    """Refuse the one combination Inductor (CPU, torch 2.13) miscompiles in our tests: stochastic
-    rounding over a zero-padded partial block gave wrong values. Eager mode is correct."""
-    if rounding == "stochastic" and torch.compiler.is_compiling() and x.shape[axis] % block_size != 0:
-        raise MXValueError(
-            f"stochastic rounding with a partial trailing block (axis length {x.shape[axis]}, block {block_size}) is "
-            "not supported under torch.compile (a known Inductor miscompile); run it eagerly or use whole blocks"
-        )
-
-
 def check_options(elem_format, block_size, scale_mode="floor", rounding="even") -> str:
     """Validate quantization options; returns the canonical format name."""
     fmt = get_format(elem_format)
@@ -150,7 +140,6 @@ def quantize(
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
     warn_if_infinite(x, "the tensor passed to mxfx.quantize")
-    _check_compilable(x, axis, block_size, rounding)
     codes, scales = torch.ops.mxfx.quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
     return MXData(codes, scales, name, block_size, axis, tuple(x.shape), x.dtype, scale_mode, rounding)
 
@@ -178,7 +167,6 @@ def fake_quantize(
     name = check_options(elem_format, block_size, scale_mode, rounding)
     axis = _check_axis(axis, x.dim())
     warn_if_infinite(x, "the tensor passed to mxfx.fake_quantize")
-    _check_compilable(x, axis, block_size, rounding)
     return torch.ops.mxfx.fake_quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
 
 
