@@ -108,6 +108,15 @@ def _check_axis(axis, ndim: int) -> int:
     return axis % ndim
 
 
+def _validate(x, elem_format, block_size, axis, scale_mode, rounding, caller: str) -> tuple[str, int]:
+    """The checks quantize and fake_quantize share; returns (canonical format, non-negative axis)."""
+    check_float_tensor(x)
+    name = check_options(elem_format, block_size, scale_mode, rounding)
+    axis = _check_axis(axis, x.dim())
+    warn_if_infinite(x, f"the tensor passed to {caller}")
+    return name, axis
+
+
 def quantize(
     x: Tensor,
     elem_format: str,
@@ -136,10 +145,7 @@ def quantize(
     Raises:
         MXFXError subclasses for non-float inputs, unknown names, bad block sizes or axes.
     """
-    check_float_tensor(x)
-    name = check_options(elem_format, block_size, scale_mode, rounding)
-    axis = _check_axis(axis, x.dim())
-    warn_if_infinite(x, "the tensor passed to mxfx.quantize")
+    name, axis = _validate(x, elem_format, block_size, axis, scale_mode, rounding, "mxfx.quantize")
     codes, scales = torch.ops.mxfx.quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
     return MXData(codes, scales, name, block_size, axis, tuple(x.shape), x.dtype, scale_mode, rounding)
 
@@ -163,10 +169,7 @@ def fake_quantize(
     flush_subnormals: bool = False,
 ) -> Tensor:
     """quantize -> dequantize in x's dtype, in one op (same options as `quantize`)."""
-    check_float_tensor(x)
-    name = check_options(elem_format, block_size, scale_mode, rounding)
-    axis = _check_axis(axis, x.dim())
-    warn_if_infinite(x, "the tensor passed to mxfx.fake_quantize")
+    name, axis = _validate(x, elem_format, block_size, axis, scale_mode, rounding, "mxfx.fake_quantize")
     return torch.ops.mxfx.fake_quantize(x, name, block_size, axis, scale_mode, rounding, int(seed), bool(flush_subnormals))
 
 

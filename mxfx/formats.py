@@ -7,7 +7,6 @@ special-value rules); the tests check each code point against an independent dec
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 
 from tabulate import tabulate
 
@@ -50,11 +49,6 @@ class ElementFormat:
     @property
     def min_subnormal(self) -> float:
         return 2.0 ** (self.emin - self.mbits)
-
-    @property
-    def packed_per_byte(self) -> Fraction:
-        """Element codes stored per byte: 2 for fp4, 4/3 for fp6, 1 for 8-bit formats."""
-        return Fraction(8, self.bits)
 
 
 def _fp(name: str, ebits: int, mbits: int, *, has_inf: bool, nan_codes: str, max_mant: int) -> ElementFormat:

@@ -20,7 +20,6 @@ from tabulate import tabulate
 from torch import fx
 
 from mxfx.errors import ArchiveError, MXTypeError
-from mxfx.formats import get_format
 
 mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
 _REPORT_FILE = "mxfx_report.json"
@@ -271,8 +270,3 @@ def load(path: str | Path) -> fx.GraphModule:
         if data:
             module.mxfx_report = PrepareReport(tuple(data["sites"]), tuple(map(tuple, data["rule_matches"])), data["rewrites"])
     return module
-
-
-def bits_per_element(elem_format: str, block_size: int = 32) -> float:
-    """Storage bits per element: element bits plus the 8-bit scale shared by a block."""
-    return get_format(elem_format).bits + 8 / block_size
