@@ -90,7 +90,10 @@ def _uniform(shape: tuple, seed: int, device: torch.device) -> Tensor:
     for size in shape:
         numel = numel * size
     h = torch.arange(numel, device=device, dtype=torch.int64).reshape(shape)
-    h = (h * 0x2545F491 + (seed & 0x7FFFFFFF) * 0x6A09E667 + 0x3C6EF372) & 0xFFFFFFFF
+    # The seed enters as an int64 tensor, not a Python int: under torch.compile(dynamic=True) a
+    # symbolic int seed made Inductor's CPU vectoriser compute this hash in float (a C++ error).
+    mixed_seed = torch.full((), (seed & 0x7FFFFFFF) * 0x6A09E667 + 0x3C6EF372, dtype=torch.int64, device=device)
+    h = (h * 0x2545F491 + mixed_seed) & 0xFFFFFFFF
     # Multipliers stay below 2^31 so int64 products never overflow.
     for multiplier, shift in ((0x7FEB352D, 15), (0x446F8C9B, 13), (0x2C1B3C6D, 16)):
         h = h ^ (h >> shift)

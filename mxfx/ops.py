@@ -227,3 +227,21 @@ for _op, _impl in (
     (torch.ops.mxfx.matmul.default, _matmul_impl),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
+# Partial blocks would otherwise miscompile on CPU (see the guard's docstring).
+_compat.guard_inductor_loop_split()
+
+
+def _source_digest() -> str:
+    """A hash of the files whose code Inductor traces for the mxfx ops (and of the guard)."""
+    import hashlib
+    from pathlib import Path
+
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("formats.py", "numerics.py", "ops.py", "attention.py", "_compat.py"):
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# A cached kernel must never outlive the math it was built from (see the function's docstring).
+_compat.tag_compile_caches(_source_digest())
