@@ -13,9 +13,10 @@ Every step is exact:
 - the block maximum is a NaN-propagating max of |x|; a NaN or Inf maximum gives the NaN scale;
 - the shared exponent comes from the maximum's exponent bits (never a float `log2`);
 - an element is rounded as an exact multiple of its quantum 2^(e - mbits) with float arithmetic
-  (a Veltkamp split finds its binade), and its code is assembled from the rounded value's bits.
-Per-element bit casts are avoided on the fake-quantize path: Inductor's CPU backend scalarizes
-them (measured: a bit-cast round trip costs ~5x an fp32 multiply pass), float ops vectorize.
+  (a Veltkamp split finds its binade); its code is that multiple plus the binade's exponent.
+Per-element bit casts are kept to one (the quantum's exponent, for codes) and none on the
+fake-quantize path: Inductor's CPU backend scalarizes them (measured: a bit-cast round trip
+costs ~5x an fp32 multiply pass), while float ops vectorize.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, Elem
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
 ROUNDINGS = ("even", "away", "toward_zero", "stochastic")
 
-_F32_ABS = 0x7FFFFFFF
 _F32_MANT = 0x7FFFFF
 
 
@@ -117,17 +117,17 @@ def _pow2_floor(a: Tensor) -> Tensor:
     return torch.where(one_bit > a, one_bit * 0.5, one_bit)
 
 
-def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
-    """Round fp32 values V/X to the element format's grid; returns the rounded values (fp32).
+def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int) -> tuple[Tensor, Tensor]:
+    """Round fp32 values V/X to the element grid as (signed integer multiple, quantum), both fp32.
 
-    Subnormals of the element format included; values beyond ±max normal saturate (§6.3); the
-    sign of zero is kept for float formats. Every step is exact: the quantum 2^(e - mbits) is a
-    power of two (e = the value's binade, floored at the smallest normal one), so dividing by it
-    and multiplying back are exact, and the fraction is split off exactly before it is compared
-    (adding 0.5 or a random number to the multiple would round a second time).
+    The value is multiple * quantum before saturation. Every step is exact: the quantum
+    2^(e - mbits) is a power of two (e = the value's binade, floored at the smallest normal one
+    and capped one binade above emax), so dividing by it and multiplying back are exact, and the
+    fraction is split off exactly before it is compared (adding 0.5 or a random number to the
+    multiple would round a second time).
     """
     if fmt.is_int:
-        quantum = 2.0**-fmt.mbits  # fixed point: steps of 2^-6
+        quantum = torch.full_like(scaled, 2.0**-fmt.mbits)  # fixed point: steps of 2^-6
     else:
         magnitude = scaled.abs().clamp(2.0**fmt.emin, 2.0 ** (fmt.emax + 1))  # no overflow below
         quantum = _pow2_floor(magnitude) * 2.0**-fmt.mbits
@@ -147,30 +147,49 @@ def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int 
         rounded = torch.where(up, whole + torch.where(multiple < 0, -1.0, 1.0), whole)
     else:
         raise ValueError(f"unknown rounding {rounding!r}")
+    return rounded, quantum
+
+
+def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
+    """Round fp32 values V/X to the element format's grid; returns the rounded values (fp32).
+
+    Subnormals of the element format included; values beyond ±max normal saturate (§6.3); the
+    sign of zero is kept for float formats.
+    """
+    rounded, quantum = _round_to_multiples(scaled, fmt, rounding, seed)
     values = (rounded * quantum).clamp(-fmt.max_normal, fmt.max_normal)
     if fmt.is_int:  # two's complement has no -0
         values = torch.where(rounded == 0, 0.0, values)
     return values
 
 
-def encode_values(values: Tensor, fmt: ElementFormat) -> Tensor:
-    """Element codes (int32 in [0, 2^bits), unpacked) of fp32 values exactly on the format's grid."""
-    bits = values.view(torch.int32)
+def _max_code_magnitude(fmt: ElementFormat) -> int:
+    """The code of +max normal (E4M3: 0x7E, E5M2: 0x7B, fp6: 0x1F, fp4: 0x7, int8: 127)."""
     if fmt.is_int:
-        magnitude = (values.abs() * 2.0**fmt.mbits).to(torch.int32)
-        return torch.where(bits < 0, (256 - magnitude) & 0xFF, magnitude)
-    magnitude_bits = bits & _F32_ABS
-    # Normal: the fp32 exponent and top mantissa bits, re-biased. Subnormal: an integer multiple
-    # of the smallest subnormal.
-    normal = (magnitude_bits >> (23 - fmt.mbits)) - ((127 - fmt.bias) << fmt.mbits)
-    subnormal = (magnitude_bits.view(torch.float32) * 2.0 ** (fmt.mbits - fmt.emin)).to(torch.int32)
-    code = torch.where(magnitude_bits >= (127 + fmt.emin) << 23, normal, subnormal)
-    return code | (((bits >> 31) & 1) << (fmt.bits - 1))
+        return 127
+    return int((fmt.emax + fmt.bias - 1) * 2**fmt.mbits + fmt.max_normal / 2.0 ** (fmt.emax - fmt.mbits))
 
 
 def encode_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
-    """Round fp32 values V/X and return their element codes (uint8, unpacked)."""
-    return encode_values(round_elements(scaled, fmt, rounding, seed), fmt).to(torch.uint8)
+    """Round fp32 values V/X and return their element codes (int32 in [0, 2^bits), unpacked).
+
+    Float arithmetic and a single bit cast, of the quantum (a power of two) to read its exponent
+    (torch.log2 would be exact too but costs more; Inductor's CPU backend runs bit casts through
+    a small scalar loop, so the fewer the better). A float code's magnitude bits are
+    (e + bias) * 2^mbits + mantissa, and the rounded multiple of the quantum 2^(e - mbits) is
+    2^mbits + mantissa, so code = multiple + (e + bias - 1) * 2^mbits. A multiple that rounded up
+    into the next binade (2^(mbits+1)) carries into the exponent field exactly as the encoding
+    does; subnormals have e = emin = 1 - bias, so their code is the multiple itself. Codes are
+    monotonic in the value, so saturating at max normal (§6.3) is a clamp of the code magnitude.
+    """
+    rounded, quantum = _round_to_multiples(scaled, fmt, rounding, seed)
+    if fmt.is_int:  # two's complement of the multiple (in [-127, 127]; -0.0 becomes 0)
+        return rounded.clamp(-127, 127).to(torch.int32) & 0xFF
+    # quantum = 2^(e - mbits) is a normal fp32 number: its exponent field is e - mbits + 127
+    exponent = ((quantum.view(torch.int32) >> 23) + (fmt.mbits + fmt.bias - 1 - 127)).to(torch.float32)
+    magnitude = (rounded.abs() + exponent * 2**fmt.mbits).clamp(max=_max_code_magnitude(fmt))
+    negative = torch.copysign(torch.ones_like(rounded), rounded) < 0  # -0.0 included
+    return magnitude.to(torch.int32) | (negative.to(torch.int32) << (fmt.bits - 1))
 
 
 def decode_elements(codes: Tensor, fmt: ElementFormat) -> Tensor:
@@ -204,14 +223,16 @@ def pack_codes(codes: Tensor, fmt: ElementFormat) -> Tensor:
     The last axis must already be a multiple of the packing group (2 or 4)."""
     if fmt.bits == 8:
         return codes
-    c = codes.to(torch.int32)
+    # Widened only after the strided pick, so that what Inductor materialises is the uint8 codes.
+    c = codes.to(torch.uint8)
     if fmt.bits == 4:
         pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
-        return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    quads = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4)
+        return pairs[..., 0] | (pairs[..., 1] << 4)  # codes < 16: no uint8 overflow
+    quads = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4).to(torch.int32)
     word = quads[..., 0] | (quads[..., 1] << 6) | (quads[..., 2] << 12) | (quads[..., 3] << 18)
-    triple = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=-1)
-    return triple.reshape(*c.shape[:-1], c.shape[-1] // 4 * 3).to(torch.uint8)
+    triple = torch.stack([(word & 0xFF).to(torch.uint8), ((word >> 8) & 0xFF).to(torch.uint8),
+                          (word >> 16).to(torch.uint8)], dim=-1)
+    return triple.reshape(*c.shape[:-1], c.shape[-1] // 4 * 3)
 
 
 def unpack_codes(packed: Tensor, fmt: ElementFormat) -> Tensor:
@@ -275,10 +296,10 @@ def quantize_last_axis(
     """
     fmt = get_format(elem_format)
     scaled, scales = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
-    codes = encode_values(round_elements(scaled, fmt, rounding, seed), fmt)
+    codes = encode_elements(scaled, fmt, rounding, seed)
     # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero (an AND
     # with a per-block mask: cheaper in Inductor's CPU code than a where() on uint8).
-    codes = (codes & torch.where(scales == E8M0_NAN, 0, 0xFF)).to(torch.uint8)
+    codes = (codes & torch.where(scales == E8M0_NAN, 0, 0xFF).to(torch.int32)).to(torch.uint8)
     codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
