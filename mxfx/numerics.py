@@ -117,7 +117,7 @@ def _pow2_floor(a: Tensor) -> Tensor:
     return torch.where(one_bit > a, one_bit * 0.5, one_bit)
 
 
-def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int) -> tuple[Tensor, Tensor]:
+def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int) -> tuple[Tensor, Tensor | float]:
     """Round fp32 values V/X to the element grid as (signed integer multiple, quantum), both fp32.
 
     The value is multiple * quantum before saturation. Every step is exact: the quantum
@@ -127,7 +127,7 @@ def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed:
     multiple would round a second time).
     """
     if fmt.is_int:
-        quantum = torch.full_like(scaled, 2.0**-fmt.mbits)  # fixed point: steps of 2^-6
+        quantum = 2.0**-fmt.mbits  # fixed point: steps of 2^-6
     else:
         magnitude = scaled.abs().clamp(2.0**fmt.emin, 2.0 ** (fmt.emax + 1))  # no overflow below
         quantum = _pow2_floor(magnitude) * 2.0**-fmt.mbits
@@ -263,9 +263,9 @@ def packed_length(n_codes, fmt: ElementFormat):
 
 def _scaled_blocks(
     x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The front half of quantization: (V / X in fp32, shaped (..., n_blocks, block_size);
-    E8M0 scale codes, shaped (..., n_blocks, 1))."""
+    E8M0 scale codes and the fp32 block maxima, both shaped (..., n_blocks, 1))."""
     x32 = x.to(torch.float32)  # bf16/fp16 -> fp32 is exact; all math in fp32 (MX_SPEC.md)
     if flush_subnormals:
         x32 = torch.where(x32.abs() < 2.0**-126, x32 * 0.0, x32)  # * 0.0 keeps the sign of zero
@@ -277,7 +277,7 @@ def _scaled_blocks(
     # amax propagates NaN (eager and Inductor alike); only this per-block value is bit-cast.
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
-    return blocks * _pow2(E8M0_BIAS - scales.to(torch.int32)), scales  # V / X, exact
+    return blocks * _pow2(E8M0_BIAS - scales.to(torch.int32)), scales, amax  # V / X, exact
 
 
 def quantize_last_axis(
@@ -295,11 +295,13 @@ def quantize_last_axis(
     n_blocks = ceil(n / block_size).
     """
     fmt = get_format(elem_format)
-    scaled, scales = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
     codes = encode_elements(scaled, fmt, rounding, seed)
     # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero (an AND
-    # with a per-block mask: cheaper in Inductor's CPU code than a where() on uint8).
-    codes = (codes & torch.where(scales == E8M0_NAN, 0, 0xFF).to(torch.int32)).to(torch.uint8)
+    # with a per-block mask: cheaper in Inductor's CPU code than a where() on uint8). The mask
+    # tests amax, not the scale code (the same blocks): Inductor may inline the mask into the
+    # packing loop, where re-deriving the scale code per element costs 1.5-2x the whole kernel.
+    codes = (codes & torch.where(torch.isfinite(amax), 0xFF, 0).to(torch.int32)).to(torch.uint8)
     codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
@@ -334,7 +336,7 @@ def fake_quantize_last_axis(
     Skips packing (a bijection) so that Inductor emits one simple fused kernel.
     """
     fmt = get_format(elem_format)
-    scaled, scales = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
     out = round_elements(scaled, fmt, rounding, seed) * decode_scales(scales)
     out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
     return out[..., : x.shape[-1]].to(x.dtype)
