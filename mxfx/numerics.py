@@ -170,26 +170,35 @@ def _max_code_magnitude(fmt: ElementFormat) -> int:
     return int((fmt.emax + fmt.bias - 1) * 2**fmt.mbits + fmt.max_normal / 2.0 ** (fmt.emax - fmt.mbits))
 
 
-def encode_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
-    """Round fp32 values V/X and return their element codes (int32 in [0, 2^bits), unpacked).
+def encode_elements(
+    scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0, keep: Tensor | None = None
+) -> Tensor:
+    """Round fp32 values V/X and return their element codes (int32 in [0, 2^bits), unpacked);
+    where the boolean `keep` (broadcast) is False the code is 0.
 
-    Float arithmetic and a single bit cast, of the quantum (a power of two) to read its exponent
-    (torch.log2 would be exact too but costs more; Inductor's CPU backend runs bit casts through
-    a small scalar loop, so the fewer the better). A float code's magnitude bits are
-    (e + bias) * 2^mbits + mantissa, and the rounded multiple of the quantum 2^(e - mbits) is
-    2^mbits + mantissa, so code = multiple + (e + bias - 1) * 2^mbits. A multiple that rounded up
-    into the next binade (2^(mbits+1)) carries into the exponent field exactly as the encoding
-    does; subnormals have e = emin = 1 - bias, so their code is the multiple itself. Codes are
-    monotonic in the value, so saturating at max normal (§6.3) is a clamp of the code magnitude.
+    The code is built in float arithmetic with a single bit cast, of the quantum (a power of two)
+    to read its exponent (torch.log2 would be exact too but costs more; Inductor's CPU backend
+    runs bit casts through a small scalar loop, so the fewer the better). A float code's
+    magnitude bits are (e + bias) * 2^mbits + mantissa, and the rounded multiple of the quantum
+    2^(e - mbits) is 2^mbits + mantissa, so code = multiple + (e + bias - 1) * 2^mbits. A multiple
+    that rounded up into the next binade (2^(mbits+1)) carries into the exponent field exactly as
+    the encoding does; subnormals have e = emin = 1 - bias, so their code is the multiple itself.
+    Codes are monotonic in the value, so saturating at max normal (§6.3) is a clamp of the code
+    magnitude. INT8 codes are the multiple's two's complement.
     """
     rounded, quantum = _round_to_multiples(scaled, fmt, rounding, seed)
-    if fmt.is_int:  # two's complement of the multiple (in [-127, 127]; -0.0 becomes 0)
-        return rounded.clamp(-127, 127).to(torch.int32) & 0xFF
-    # quantum = 2^(e - mbits) is a normal fp32 number: its exponent field is e - mbits + 127
-    exponent = ((quantum.view(torch.int32) >> 23) + (fmt.mbits + fmt.bias - 1 - 127)).to(torch.float32)
-    magnitude = (rounded.abs() + exponent * 2**fmt.mbits).clamp(max=_max_code_magnitude(fmt))
-    negative = torch.copysign(torch.ones_like(rounded), rounded) < 0  # -0.0 included
-    return magnitude.to(torch.int32) | (negative.to(torch.int32) << (fmt.bits - 1))
+    if fmt.is_int:  # the multiple is in [-127, 127]; -0.0 < 0 is False, so it encodes as 0
+        code = rounded.clamp(-127, 127)
+        code = torch.where(code < 0, code + 256.0, code)
+    else:
+        # quantum = 2^(e - mbits) is a normal fp32 number: its exponent field is e - mbits + 127
+        exponent = ((quantum.view(torch.int32) >> 23) + (fmt.mbits + fmt.bias - 1 - 127)).to(torch.float32)
+        magnitude = (rounded.abs() + exponent * 2**fmt.mbits).clamp(max=_max_code_magnitude(fmt))
+        negative = torch.copysign(torch.ones_like(rounded), rounded) < 0  # -0.0 included
+        code = magnitude + torch.where(negative, 2.0 ** (fmt.bits - 1), 0.0)
+    if keep is not None:  # before the conversion, so Inductor keeps it in the encoding loop
+        code = torch.where(keep, code, 0.0)
+    return code.to(torch.int32)
 
 
 def decode_elements(codes: Tensor, fmt: ElementFormat) -> Tensor:
@@ -296,12 +305,10 @@ def quantize_last_axis(
     """
     fmt = get_format(elem_format)
     scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
-    codes = encode_elements(scaled, fmt, rounding, seed)
-    # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero (an AND
-    # with a per-block mask: cheaper in Inductor's CPU code than a where() on uint8). The mask
-    # tests amax, not the scale code (the same blocks): Inductor may inline the mask into the
-    # packing loop, where re-deriving the scale code per element costs 1.5-2x the whole kernel.
-    codes = (codes & torch.where(torch.isfinite(amax), 0xFF, 0).to(torch.int32)).to(torch.uint8)
+    # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero. The test
+    # is on amax, not on the scale code (the same blocks): where Inductor inlined the scale-code
+    # test into the packing loop, re-deriving it per element cost 1.5-2x the whole kernel.
+    codes = encode_elements(scaled, fmt, rounding, seed, keep=torch.isfinite(amax)).to(torch.uint8)
     codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
