@@ -45,12 +45,14 @@ def test_unguarded_loop_split_still_drops_the_tail(monkeypatch):
     assert not _compiled_matches_eager(torch.randn(3, 200))
 
 
-def test_compile_caches_are_keyed_on_the_mx_sources(monkeypatch):
+def test_compile_caches_are_keyed_on_the_mx_sources():
     from mxfx.ops import _source_digest
 
     digest = _source_digest()
     assert f"mxfx-{digest}" in torch.compiler.config.cache_key_tag.split("+")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own-tag")
-    mxfx._compat.tag_compile_caches(digest)
-    mxfx._compat.tag_compile_caches(digest)  # idempotent
-    assert torch.compiler.config.cache_key_tag == f"users-own-tag+mxfx-{digest}"
+    # config.patch, not pytest's monkeypatch: its undo deletes a torch config entry
+    with torch.compiler.config.patch(cache_key_tag="users-own-tag"):
+        mxfx._compat.tag_compile_caches(digest)
+        mxfx._compat.tag_compile_caches(digest)  # idempotent
+        assert torch.compiler.config.cache_key_tag == f"users-own-tag+mxfx-{digest}"
+    assert f"mxfx-{digest}" in torch.compiler.config.cache_key_tag.split("+")
