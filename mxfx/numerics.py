@@ -243,10 +243,10 @@ def pack_codes(codes: Tensor, fmt: ElementFormat) -> Tensor:
     if fmt.bits == 8:
         return codes
     c = codes.to(torch.uint8)
-    if fmt.bits == 4 and c.numel() > 0 and sys.byteorder == "little":  # (an empty axis has no int16 view)
-        pair = c.contiguous().view(torch.int16)  # c0 | c1 << 8
-        return ((pair & 0xF) | ((pair >> 4) & 0xF0)).to(torch.uint8)
     if fmt.bits == 4:
+        if c.numel() > 0 and sys.byteorder == "little":  # (an empty axis has no int16 view)
+            pair = c.contiguous().view(torch.int16)  # c0 | c1 << 8
+            return ((pair & 0xF) | ((pair >> 4) & 0xF0)).to(torch.uint8)
         pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
         return pairs[..., 0] | (pairs[..., 1] << 4)  # codes < 16: no uint8 overflow
     # Widened only after the strided pick, so that what Inductor materialises is the uint8 codes.

@@ -20,10 +20,9 @@ def _scale_partial_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_matches_eager(x: torch.Tensor) -> bool:
-    torch._dynamo.reset()
+    """Callers reset dynamo with the `fresh_dynamo` fixture; the caches are off for this compile."""
     with inductor_config.patch(force_disable_caches=True):
         compiled = torch.compile(_scale_partial_blocks, fullgraph=True, dynamic=False)(x)
-    torch._dynamo.reset()
     return bits_equal(compiled, _scale_partial_blocks(x))
 
 
@@ -35,11 +34,11 @@ def test_guard_is_installed_once():
 
 
 @pytest.mark.parametrize("shape", [(3, 200), (3, 48, 40), (2, 64)])
-def test_guarded_loop_split_covers_the_partial_block(shape):
+def test_guarded_loop_split_covers_the_partial_block(shape, fresh_dynamo):
     assert _compiled_matches_eager(torch.randn(shape))
 
 
-def test_unguarded_loop_split_still_drops_the_tail(monkeypatch):
+def test_unguarded_loop_split_still_drops_the_tail(monkeypatch, fresh_dynamo):
     """Fails once torch fixes the bug upstream: then the guard can go (see _compat)."""
     monkeypatch.setattr(CppScheduling, "try_loop_split", CppScheduling.try_loop_split.__wrapped__)
     assert not _compiled_matches_eager(torch.randn(3, 200))
