@@ -14,12 +14,17 @@ from mxfx.errors import (
     MXTypeError,
     MXValueError,
 )
+from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
 from mxfx.prepare import PrepareReport, check_nonfinite, prepare
 from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
+from mxfx.sites import Site, find_sites
 
 __all__ = [
+    "export",
+    "find_sites",
+    "Site",
     "check_nonfinite",
     "InputGuardError",
     "SearchResult",

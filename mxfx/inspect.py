@@ -20,15 +20,16 @@ from tabulate import tabulate
 from torch import fx
 
 from mxfx.errors import ArchiveError, MXTypeError
+from mxfx.sites import site_of
 
 mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
 _REPORT_FILE = "mxfx_report.json"
 
 
 def _site_name(node: fx.Node) -> str:
-    site = node.meta.get("mxfx_site") or node.meta.get("mxfx_attention")
-    if site:
-        return site["fqn"]
+    site = site_of(node)
+    if site is not None:
+        return site.fqn
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     return stack[-1][0] if stack else ""
 
@@ -37,12 +38,12 @@ def _rule_label(gm: fx.GraphModule, node: fx.Node) -> str:
     report = getattr(gm, "mxfx_report", None)
     if report is None:
         return "-"
-    site = node.meta.get("mxfx_site") or node.meta.get("mxfx_attention")
+    site = site_of(node)
     if site is None:  # a loaded module: the report still names each site
-        site = next((s for s in report.sites if s["fqn"] == _site_name(node)), None)
-    if site is None or site.get("rule") is None:
+        site = next((s for s in report.sites if s.fqn == _site_name(node)), None)
+    if site is None or site.rule is None:
         return "-"
-    return report.rule_matches[site["rule"]][0].split(" in ")[0]
+    return site.rule_label.split(" in ")[0]
 
 
 def _spec_text(fmt: str, block: int, scale_mode: str = "floor", rounding: str = "even") -> str:
@@ -108,11 +109,10 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
                                  activation=text, storage="-", weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
     report = getattr(gm, "mxfx_report", None)
     if report is not None:
-        for site in report.sites:
-            if site["rule"] is None or site.get("skipped"):
-                rows.append(dict(site=site["fqn"], kind=site["kind"], rule="(no rule)" if site["rule"] is None else "-",
-                                 weight="high precision", activation="high precision", storage="-",
-                                 weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+        for site in report.unquantized:
+            rows.append(dict(site=site.fqn, kind=site.kind, rule="(no rule)" if site.rule is None else "-",
+                             weight="high precision", activation="high precision", storage="-",
+                             weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
     return rows
 
 
@@ -233,7 +233,7 @@ def save(prepared: fx.GraphModule, path: str | Path, example_inputs: tuple | Non
         args, kwargs, dynamic_shapes = example_inputs, example_kwargs or {}, None
     program = torch.export.export(prepared, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     report = getattr(prepared, "mxfx_report", None)
-    extra = {_REPORT_FILE: json.dumps(dataclasses.asdict(report) if report else {}, default=str)}
+    extra = {_REPORT_FILE: json.dumps(report.to_dict() if report else {})}
     torch.export.save(program, str(path), extra_files=extra)
     return Path(path)
 
@@ -268,5 +268,5 @@ def load(path: str | Path) -> fx.GraphModule:
 
         data = json.loads(extra[_REPORT_FILE])
         if data:
-            module.mxfx_report = PrepareReport(tuple(data["sites"]), tuple(map(tuple, data["rule_matches"])), data["rewrites"])
+            module.mxfx_report = PrepareReport.from_dict(data)
     return module

@@ -10,10 +10,8 @@ and lower the MX ops there.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import threading
 import warnings
 from typing import Any
 
@@ -21,7 +19,8 @@ import torch
 from torch import fx
 
 from mxfx.config import QuantConfig, load_config
-from mxfx.errors import ExportError, InputGuardError, MXFXWarning, MXTypeError
+from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
+from mxfx.export import export
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
@@ -29,59 +28,36 @@ from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
+from mxfx.sites import Site, graph_sites, site_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareReport:
-    """What prepare did: every site with its rule, and how many sites each rule matched."""
+    """What prepare did: every site it saw (quantized or not, and why), rule match counts, rewrites."""
 
-    sites: tuple[dict, ...]  # {"fqn", "kind", "rule", ...}
+    sites: tuple[Site, ...]  # every linear and attention site, in graph order
     rule_matches: tuple[tuple[str, int], ...]  # (rule label, sites matched)
     rewrites: dict  # pass name -> rewrites
 
+    @property
+    def unquantized(self) -> tuple[Site, ...]:
+        """The sites left in high precision, each with its status and reason."""
+        return tuple(site for site in self.sites if not site.quantized)
 
-# torch.export keeps tracing state in process globals (mode stacks, the module hierarchy), so two
-# threads exporting at once corrupt each other; the export step is serialized, the passes are not.
-_EXPORT_LOCK = threading.Lock()
+    def to_dict(self) -> dict:
+        return {"sites": [s.to_dict() for s in self.sites], "rule_matches": [list(r) for r in self.rule_matches],
+                "rewrites": dict(self.rewrites)}
 
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Export in eval mode and restore the model's mode afterwards (modules from torch.export,
-    e.g. a prepared module, have no train/eval switch and are left as they are)."""
-    was_training = model.training
-    try:
-        model.eval()
-    except NotImplementedError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def export_model(model: torch.nn.Module, args: tuple, kwargs: dict | None, *, strict: bool,
-                 dynamic_shapes: Any) -> torch.export.ExportedProgram:
-    """torch.export the model; failures become an ExportError that says why and what to try."""
-    name = type(model).__name__
-    try:
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    except Exception as error:  # torch.export raises many types; all mean "could not trace"
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
-        hints = ["strict=False" if strict else "strict=True"]
-        hints.append("use_cache=False (Hugging Face models: model.config.use_cache = False)")
-        hints.append("data-dependent Python control flow may need torch.cond or a fixed branch")
-        raise ExportError(
-            f"torch.export could not trace {name}: {type(error).__name__}: {first_line}\n"
-            f"Try: {'; '.join(hints)}."
-        ) from error
+    @classmethod
+    def from_dict(cls, data: dict) -> PrepareReport:
+        return cls(tuple(Site.from_dict(s) for s in data["sites"]), tuple(map(tuple, data["rule_matches"])),
+                   dict(data["rewrites"]))
 
 
 def prepare(
-    model: torch.nn.Module,
+    model: torch.nn.Module | torch.export.ExportedProgram,
     config: QuantConfig | str,
     example_inputs: tuple = (),
     *,
@@ -92,7 +68,9 @@ def prepare(
     """Export `model` and quantize the linear sites its config selects to MX.
 
     Args:
-        model: the model; it is not modified (it is exported in eval mode, then restored).
+        model: the model; it is not modified (it is exported in eval mode, then restored). Or an
+            ExportedProgram from `mxfx.export`, which is used as it is (no re-tracing); the
+            example inputs and export options are then ignored.
         config: a QuantConfig, a preset name (`mxfx.preset_names()`) or a TOML path.
         example_inputs: positional example inputs for torch.export.
         example_kwargs: keyword example inputs.
@@ -109,13 +87,17 @@ def prepare(
     Raises:
         ConfigError: a bad config. ExportError: torch.export failed (with what to try).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise MXTypeError(f"prepare takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise MXTypeError(f"prepare takes an nn.Module or an ExportedProgram, got {type(model).__name__}")
     config = load_config(config)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    with _EXPORT_LOCK, _eval_mode(model):
-        program = export_model(model, example_inputs, example_kwargs, strict=strict, dynamic_shapes=dynamic_shapes)
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+        example_inputs, example_kwargs = program.example_inputs or (example_inputs, example_kwargs)
+    else:
+        program = export(model, example_inputs, example_kwargs=example_kwargs, strict=strict,
+                         dynamic_shapes=dynamic_shapes)
     gm = program.module()
     gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
     _detach_parameters(gm)
@@ -173,7 +155,8 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
             if node.op == "call_function" and node.target in quantizing:
                 x = self.env[node.args[0]]
                 stack = list((node.meta.get("nn_module_stack") or {}).values())
-                site = (node.meta.get("mxfx_site") or {}).get("fqn") or (stack[-1][0] if stack else "<root>")
+                record = site_of(node)
+                site = record.fqn if record is not None else (stack[-1][0] if stack else "<root>")
                 if not torch.isfinite(x).all():
                     found.append(site)
                     warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")
@@ -184,28 +167,25 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def matching_passes(config: QuantConfig) -> list:
+    """The passes that find and annotate sites (the graph's math is unchanged apart from
+    rewriting linear-like products into `aten.linear`)."""
+    return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchAttentionSitesPass(config)]
+
+
 def pipeline(config: QuantConfig) -> list:
     """The passes prepare runs, in order."""
-    return [
-        CanonicalizeLinearPass(),
-        MatchLinearSitesPass(config),
-        MatchAttentionSitesPass(config),
-        InsertQDQPass(config),
-        LowerLinearPass(),
-        QuantizeAttentionPass(config),
-    ]
+    return [*matching_passes(config), InsertQDQPass(config), LowerLinearPass(), QuantizeAttentionPass(config)]
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
-    meta = mxfx_meta(gm)
-    sites = tuple(meta.get("linear_sites", ())) + tuple(meta.get("attention_sites", ()))
+    sites = tuple(graph_sites(gm))
     counts = [0] * len(config.rules)
     for site in sites:
-        if site["rule"] is not None:
-            counts[site["rule"]] += 1
-            rule = config.rules[site["rule"]]
-            site["skipped"] = not (rule.quantizes_linear if site["kind"] == "linear" else rule.quantizes_attention)
+        if site.rule is not None:
+            counts[site.rule] += 1
     for index, count in enumerate(counts):
         if count == 0:
             warnings.warn(f"mxfx: {config.rule_label(index)} matched no site", MXFXWarning, stacklevel=3)
-    return PrepareReport(sites, tuple((config.rule_label(i), c) for i, c in enumerate(counts)), dict(meta["rewrites"]))
+    rewrites = dict(mxfx_meta(gm)["rewrites"])
+    return PrepareReport(sites, tuple((config.rule_label(i), c) for i, c in enumerate(counts)), rewrites)

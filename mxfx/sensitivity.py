@@ -36,9 +36,10 @@ from torch import fx
 from mxfx.api import fake_quantize
 from mxfx.config import MXSpec, QuantConfig, Rule
 from mxfx.errors import MXValueError
+from mxfx.export import export
 from mxfx.formats import get_format
-from mxfx.passes.match_linear_sites import SITE_META
-from mxfx.prepare import _EXPORT_LOCK, _eval_mode, export_model, pipeline
+from mxfx.prepare import pipeline
+from mxfx.sites import LINEAR, find_sites, site_of
 
 log = logging.getLogger(__name__)
 MODES = ("local", "isolated", "all-but-one")
@@ -168,16 +169,13 @@ def _progress_logger(done: int, total: int, elapsed: float, label: str) -> None:
 
 
 def _base_graph(model, example: tuple, strict: bool) -> fx.GraphModule:
-    with _EXPORT_LOCK, _eval_mode(model):
-        program = export_model(model, example, None, strict=strict, dynamic_shapes=None)
-    gm = program.module()
-    for pass_ in pipeline(QuantConfig((Rule(match=".*", skip=True),)))[:3]:  # find the sites only
-        pass_(gm)
+    gm = export(model, example, strict=strict).module()
+    find_sites(gm)  # annotate the sites only
     return gm
 
 
 def _linear_sites(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if SITE_META in n.meta and n.meta[SITE_META]["kind"] == "linear"]
+    return [n for n in gm.graph.nodes if (site := site_of(n)) is not None and site.kind == LINEAR]
 
 
 def _site_config(quantized: dict[str, str], block_size: int, activations: bool) -> QuantConfig:
@@ -234,15 +232,15 @@ def sensitivity(
     base = _base_graph(model, batches[0], strict)
     nodes = _linear_sites(base)
     wanted = None if sites is None else set(sites)
-    nodes = [n for n in nodes if wanted is None or n.meta[SITE_META]["fqn"] in wanted]
-    names = list(dict.fromkeys(n.meta[SITE_META]["fqn"] for n in nodes))
+    nodes = [n for n in nodes if wanted is None or site_of(n).fqn in wanted]
+    names = list(dict.fromkeys(site_of(n).fqn for n in nodes))
     if not names:
         raise MXValueError("no linear sites to measure" + ("" if wanted is None else f" among {sorted(wanted)}"))
     done: dict[tuple, dict] = {}
     if resume is not None and Path(resume).is_file():
         for row in SensitivityReport.from_json(Path(resume).read_text()).rows:
             done[(row["site"], row["format"])] = row
-    numel = {n.meta[SITE_META]["fqn"]: n.args[1].meta["val"].numel() for n in nodes}
+    numel = {site_of(n).fqn: site_of(n).weight_numel for n in nodes}
     total, start = len(names) * len(formats), time.perf_counter()
     rows: list[dict] = []
     with torch.no_grad():
@@ -273,7 +271,7 @@ def sensitivity(
 
 def _record_linear_io(base: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple]) -> dict:
     """Inputs, weights, biases and outputs of each linear site, over all batches (one fp pass each)."""
-    wanted = {n.name: n.meta[SITE_META]["fqn"] for n in nodes}
+    wanted = {n.name: site_of(n).fqn for n in nodes}
     recorded: dict[str, list] = {fqn: [] for fqn in wanted.values()}
 
     class Recorder(fx.Interpreter):

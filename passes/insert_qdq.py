@@ -13,12 +13,13 @@ import logging
 
 import torch
 from mxfx.passes._utils import count_rewrites, create_call, create_get_attr, fake_mode_of, finish
-from mxfx.passes.match_linear_sites import SITE_META, linear_weight
+from mxfx.passes.match_linear_sites import linear_weight
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx import api
 from mxfx.config import MXSpec, QuantConfig
+from mxfx.sites import site_of
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx
@@ -53,13 +54,11 @@ class InsertQDQPass(PassBase):
         replaced_targets: set[str] = set()
         rewrites = 0
         for node in list(gm.graph.nodes):
-            site = node.meta.get(SITE_META)
+            site = site_of(node)
             weight = linear_weight(node)
-            if site is None or weight is None or site["rule"] is None or DONE_META in node.meta:
+            if site is None or weight is None or not site.quantized or DONE_META in node.meta:
                 continue
-            rule = self.config.rules[site["rule"]]
-            if not rule.quantizes_linear:
-                continue
+            rule = self.config.rules[site.rule]
             with gm.graph.inserting_before(node):
                 if rule.activation is not None:
                     x = node.args[0]
@@ -84,7 +83,7 @@ class InsertQDQPass(PassBase):
                     replaced_targets.add(weight.target)
             node.meta[DONE_META] = {"weight": rule.weight, "activation": rule.activation, "storage": rule.weight_storage}
             rewrites += 1
-            log.debug("inserted MX Q/DQ at %s (%s)", site["fqn"], self.config.rule_label(site["rule"]))
+            log.debug("inserted MX Q/DQ at %s (%s)", site.fqn, site.rule_label)
         if rewrites:
             finish(gm)
             # Drop fp weights nothing reads any more: the prepared module keeps codes + scales only.

@@ -8,15 +8,15 @@ from __future__ import annotations
 import logging
 
 import torch
-from mxfx.passes._utils import count_rewrites, module_stack, mxfx_meta
+from mxfx.passes._utils import count_rewrites, module_stack
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import QuantConfig
+from mxfx.sites import ATTENTION, Site, annotate, decide
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-ATTENTION_META = "mxfx_attention"  # node.meta key on the SDPA or softmax node
 
 SDPA = aten.scaled_dot_product_attention.default
 SOFTMAXES = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
@@ -74,8 +74,8 @@ def find_pv_matmul(softmax: fx.Node, depth: int = 4) -> fx.Node | None:
 class MatchAttentionSitesPass(PassBase):
     """Annotate each SDPA node, and each softmax between two attention matmuls, with its site.
 
-    Requires: an ATen graph with nn_module_stack. Ensures: node.meta["mxfx_attention"] =
-    {"fqn", "kind": "attention", "form", "rule", "qk", "pv"}; the graph itself is unchanged;
+    Requires: an ATen graph with nn_module_stack. Ensures: a `mxfx.sites.Site` on each SDPA or
+    softmax node (`nodes` = the QK^T and PV matmuls of an explicit form); the graph is unchanged;
     `modified` is True only when an annotation was added or changed.
     """
 
@@ -84,7 +84,6 @@ class MatchAttentionSitesPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = 0
-        sites = []
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -98,14 +97,9 @@ class MatchAttentionSitesPass(PassBase):
             else:
                 continue
             fqn = attention_site_name(node)
-            match = self.config.first_match(fqn)
-            site = {"fqn": fqn, "kind": "attention", "form": form, "rule": None if match is None else match[0],
-                    "node": node.name, "qk": qk and qk.name, "pv": pv and pv.name}
-            if node.meta.get(ATTENTION_META) != site:
-                node.meta[ATTENTION_META] = site
-                changed += 1
-            sites.append(site)
+            site = Site(fqn=fqn, kind=ATTENTION, form=form, node=node.name,
+                        nodes=() if qk is None else (qk.name, pv.name), **decide(self.config, fqn, ATTENTION))
+            changed += annotate(node, site)
             log.debug("attention site %s (%s)", fqn, form)
-        mxfx_meta(gm)["attention_sites"] = sites
         count_rewrites(gm, type(self).__name__, changed)
         return PassResult(gm, changed > 0)

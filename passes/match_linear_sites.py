@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from mxfx.passes._utils import count_rewrites, linear_site_name, mxfx_meta
+from mxfx.passes._utils import count_rewrites, linear_site_name
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import QuantConfig
+from mxfx.sites import LINEAR, Site, annotate, decide
 
 log = logging.getLogger(__name__)
-SITE_META = "mxfx_site"  # node.meta key: {"fqn": str, "kind": "linear", "rule": int | None}
 
 
 def linear_weight(node: fx.Node):
@@ -29,8 +29,8 @@ class MatchLinearSitesPass(PassBase):
     """Annotate each `aten.linear` whose weight is a module attribute with its site and rule.
 
     Requires: linears canonicalized to `aten.linear` (CanonicalizeLinearPass), nn_module_stack.
-    Ensures: node.meta["mxfx_site"] on every linear site (rule None: no rule matched); the graph
-    itself is unchanged; `modified` is True only when an annotation was added or changed.
+    Ensures: a `mxfx.sites.Site` on every linear site (status NO_RULE: no rule matched); the
+    graph itself is unchanged; `modified` is True only when an annotation was added or changed.
     """
 
     def __init__(self, config: QuantConfig) -> None:
@@ -38,19 +38,14 @@ class MatchLinearSitesPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = 0
-        sites = []
         for node in gm.graph.nodes:
             weight = linear_weight(node)
             if weight is None or node.meta.get("mxfx_lowered"):
                 continue
             fqn = linear_site_name(node, weight)
-            match = self.config.first_match(fqn)
-            site = {"fqn": fqn, "kind": "linear", "rule": None if match is None else match[0], "node": node.name}
-            if node.meta.get(SITE_META) != site:
-                node.meta[SITE_META] = site
-                changed += 1
-            sites.append(site)
-            log.debug("linear site %s -> %s", fqn, "no rule" if match is None else self.config.rule_label(match[0]))
-        mxfx_meta(gm)["linear_sites"] = sites
+            site = Site(fqn=fqn, kind=LINEAR, form="linear", node=node.name, weight_target=str(weight.target),
+                        weight_shape=tuple(weight.meta["val"].shape), **decide(self.config, fqn, LINEAR))
+            changed += annotate(node, site)
+            log.debug("linear site %s -> %s", fqn, site.status)
         count_rewrites(gm, type(self).__name__, changed)
         return PassResult(gm, changed > 0)

@@ -14,11 +14,12 @@ import warnings
 import torch
 from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from mxfx.passes.insert_qdq import spec_args
-from mxfx.passes.match_attention_sites import ATTENTION_META, SDPA
+from mxfx.passes.match_attention_sites import SDPA
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import MXSpec, QuantConfig
+from mxfx.sites import SITE_META, site_of
 
 log = logging.getLogger(__name__)
 aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
@@ -63,22 +64,20 @@ class QuantizeAttentionPass(PassBase):
         by_name = {n.name: n for n in gm.graph.nodes}
         rewrites = 0
         for node in list(gm.graph.nodes):
-            site = node.meta.get(ATTENTION_META)
-            if site is None or site["rule"] is None or DONE_META in node.meta:
+            site = site_of(node)
+            if site is None or site.kind != "attention" or not site.quantized or DONE_META in node.meta:
                 continue
-            rule = self.config.rules[site["rule"]]
-            if not rule.quantizes_attention:
-                continue
-            spec = rule.attention
-            if site["form"] == "sdpa":
-                if not self._rewrite_sdpa(gm, node, spec, fake_mode, site["fqn"]):
+            spec = site.attention
+            if site.form == "sdpa":
+                if not self._rewrite_sdpa(gm, node, spec, fake_mode, site.fqn):
                     continue
             else:
-                self._quantize_matmul(gm, by_name[site["qk"]], spec.query, spec.key, fake_mode)
-                self._quantize_matmul(gm, by_name[site["pv"]], spec.probs, spec.value, fake_mode)
+                qk, pv = site.nodes
+                self._quantize_matmul(gm, by_name[qk], spec.query, spec.key, fake_mode)
+                self._quantize_matmul(gm, by_name[pv], spec.probs, spec.value, fake_mode)
                 node.meta[DONE_META] = True
             rewrites += 1
-            log.debug("quantized attention at %s (%s)", site["fqn"], site["form"])
+            log.debug("quantized attention at %s (%s)", site.fqn, site.form)
         if rewrites:
             finish(gm)
         count_rewrites(gm, type(self).__name__, rewrites)
@@ -97,7 +96,7 @@ class QuantizeAttentionPass(PassBase):
                 args["query"], args["key"], args["value"], args["attn_mask"], bool(args["is_causal"]), args["scale"],
                 bool(args["enable_gqa"]), as_arg(spec.query), as_arg(spec.key), as_arg(spec.value), as_arg(spec.probs),
             ), node, fake_mode)
-        fused.meta[ATTENTION_META] = node.meta[ATTENTION_META]
+        fused.meta[SITE_META] = node.meta[SITE_META]
         fused.meta[DONE_META] = True
         node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)

@@ -94,8 +94,8 @@ def test_nanogpt_attention_both_paths(flash):
     torch.manual_seed(0)
     model, x = CausalSelfAttention(64, 4, flash=flash), torch.randn(2, 16, 64)
     prepared = mxfx.prepare(model, attention_config(match=""), (x,))
-    site = [s for s in prepared.mxfx_report.sites if s["kind"] == "attention"]
-    assert len(site) == 1 and site[0]["form"] == ("sdpa" if flash else "matmul") and site[0]["rule"] == 0
+    site = [s for s in prepared.mxfx_report.sites if s.kind == "attention"]
+    assert len(site) == 1 and site[0].form == ("sdpa" if flash else "matmul") and site[0].rule == 0
     assert count(prepared, "attention") == (1 if flash else 0)
     assert count(prepared, "fake_quantize") == (0 if flash else 4)
     # the hand reference, computed on the model's own q, k, v
@@ -118,8 +118,8 @@ def test_attention_rules_and_linear_rules_together():
         Rule(match=".*", weight=E4M3, activation=E4M3),
     ))
     prepared = mxfx.prepare(model, cfg, (idx,))
-    attention_sites = [s for s in prepared.mxfx_report.sites if s["kind"] == "attention"]
-    assert [(s["fqn"], s["rule"]) for s in attention_sites] == [("transformer.h.0.attn", 1), ("transformer.h.1.attn", 2)]
+    attention_sites = [s for s in prepared.mxfx_report.sites if s.kind == "attention"]
+    assert [(s.fqn, s.rule) for s in attention_sites] == [("transformer.h.0.attn", 1), ("transformer.h.1.attn", 2)]
     assert count(prepared, "fake_quantize") == 4  # only h.0's attention; rule 2 has no attention spec
     assert count(prepared, "linear") == 8
 

@@ -173,7 +173,7 @@ def test_model_without_linears_runs_unchanged():
 def test_linear_in_a_loop_over_a_list():
     model, x = LoopOverList(), torch.randn(4, 32)
     prepared = mxfx.prepare(model, ALL, (x,))
-    assert [s["fqn"] for s in prepared.mxfx_report.sites] == ["layers.0", "layers.1", "layers.2"]
+    assert [s.fqn for s in prepared.mxfx_report.sites] == ["layers.0", "layers.1", "layers.2"]
     h = x
     for layer in model.layers:
         h = torch.tanh(torch.nn.functional.linear(mxfx.fake_quantize(h, "fp8_e4m3"), mxfx.fake_quantize(layer.weight, "fp8_e4m3"), layer.bias))

@@ -43,7 +43,7 @@ def bert(impl: str):
 
 
 def attention_sites(prepared):
-    return [(s["fqn"], s["form"]) for s in prepared.mxfx_report.sites if s["kind"] == "attention"]
+    return [(s.fqn, s.form) for s in prepared.mxfx_report.sites if s.kind == "attention"]
 
 
 def test_llama_gqa_both_attention_implementations_agree():

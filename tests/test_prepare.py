@@ -65,7 +65,7 @@ def test_report_counts_and_rewrites():
     model = MLP()
     prepared = mxfx.prepare(model, config(skip=["net\\.4"]), (torch.randn(2, 64),))
     report = prepared.mxfx_report
-    assert [s["fqn"] for s in report.sites] == ["net.0", "net.2", "net.4"]
+    assert [s.fqn for s in report.sites] == ["net.0", "net.2", "net.4"]
     assert [count for _, count in report.rule_matches] == [1, 2]
     assert report.rewrites["InsertQDQPass"] == 2 and report.rewrites["LowerLinearPass"] == 2
     assert count_ops(prepared, "linear") == 2
@@ -110,7 +110,7 @@ def test_weight_only_and_activation_only():
 def test_functional_linear_and_output_structure():
     model, x = FunctionalLinear(), torch.randn(3, 5, 64)
     prepared = mxfx.prepare(model, config(), (x,))
-    assert [s["fqn"] for s in prepared.mxfx_report.sites] == ["w1", "w2"]
+    assert [s.fqn for s in prepared.mxfx_report.sites] == ["w1", "w2"]
     out, extra = prepared(x)
     ref_h = F.gelu(F.linear(mxfx.fake_quantize(x, "fp8_e4m3"), mxfx.fake_quantize(model.w1, "fp6_e3m2"), model.b1))
     assert isinstance(extra, dict) and bits_equal(extra["hidden"], ref_h)
@@ -120,11 +120,11 @@ def test_functional_linear_and_output_structure():
 def test_tied_weights_quantized_once_and_lm_head_named_by_module():
     model, idx = TiedLM(), torch.randint(0, 128, (2, 10))
     prepared = mxfx.prepare(model, config(), (idx,))
-    assert [s["fqn"] for s in prepared.mxfx_report.sites] == ["proj", "lm_head"]
+    assert [s.fqn for s in prepared.mxfx_report.sites] == ["proj", "lm_head"]
     # lm_head's codes replace its use of the shared weight; the embedding still reads the fp weight
     assert count_ops(prepared, "linear") == 2
     skipped = mxfx.prepare(model, "llm_mxfp8", (idx,))
-    assert [s["fqn"] for s in skipped.mxfx_report.sites if s["rule"] == 1] == ["proj"]
+    assert [s.fqn for s in skipped.mxfx_report.sites if s.rule == 1] == ["proj"]
 
 
 def test_shared_weight_used_by_two_linears_is_quantized_once():

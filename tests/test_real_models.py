@@ -33,8 +33,8 @@ def test_minilm_mxfp8_compiled_cosine(minilm, fresh_dynamo):
     reference = pretrained.embed(model, tokenizer, texts)
     args, kwargs = pretrained.minilm_example_inputs(tokenizer, texts)
     prepared = mxfx.prepare(model, linears("fp8_e4m3"), args, example_kwargs=kwargs)
-    assert sum(1 for s in prepared.mxfx_report.sites if s["kind"] == "linear") == 37
-    assert sum(1 for s in prepared.mxfx_report.sites if s["kind"] == "attention") == 6
+    assert sum(1 for s in prepared.mxfx_report.sites if s.kind == "linear") == 37
+    assert sum(1 for s in prepared.mxfx_report.sites if s.kind == "attention") == 6
     compiled = torch.compile(prepared)
     cosine = (pretrained.embed(compiled, tokenizer, texts) * reference).sum(-1).mean().item()
     assert cosine >= 0.99
@@ -70,10 +70,10 @@ def test_smollm2_perplexity_int8_and_e4m3():
     change = {}
     for fmt in ("int8", "fp8_e4m3"):
         prepared = mxfx.prepare(model, linears(fmt, skip_lm_head=True), (windows[:1],))
-        assert sum(1 for s in prepared.mxfx_report.sites if s["kind"] == "linear" and s["rule"] == 1) == 210
+        assert sum(1 for s in prepared.mxfx_report.sites if s.kind == "linear" and s.rule == 1) == 210
         change[fmt] = pretrained.perplexity(prepared, windows) / base - 1
     assert change["int8"] < 0.02
     assert change["fp8_e4m3"] < 0.12
     attention = mxfx.prepare(model, linears("fp8_e4m3", r".*self_attn", skip_lm_head=True), (windows[:1],))
-    assert sum(1 for s in attention.mxfx_report.sites if s["kind"] == "attention") == 30
+    assert sum(1 for s in attention.mxfx_report.sites if s.kind == "attention") == 30
     assert pretrained.perplexity(attention, windows[:1]) < base * 1.5

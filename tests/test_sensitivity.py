@@ -79,7 +79,7 @@ def test_search_meets_budget_and_beats_uniform(tmp_path):
     assert result.measured["mse"] < mxfx.evaluate(model, batches, uniform)["mse"]
     loaded = mxfx.load_config(tmp_path / "mixed.toml")
     prepared = mxfx.prepare(model, loaded, (batches[0],))
-    assert len([s for s in prepared.mxfx_report.sites if s["rule"] is not None]) == 4
+    assert len([s for s in prepared.mxfx_report.sites if s.rule is not None]) == 4
     with pytest.raises(mxfx.MXValueError, match="below the narrowest"):
         mxfx.search(model, batches, FORMATS, budget_bits=3.0, progress=None)
 
