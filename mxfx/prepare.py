@@ -25,10 +25,10 @@ from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
-from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
+from mxfx.passes.match_attention_sites import SDPA, MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
-from mxfx.sites import Site, graph_sites, site_of
+from mxfx.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def pipeline(config: QuantConfig) -> list:
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
+    _record_unrewritten_attention(gm)
     sites = tuple(graph_sites(gm))
     counts = [0] * len(config.rules)
     for site in sites:
@@ -187,5 +188,44 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
     for index, count in enumerate(counts):
         if count == 0:
             warnings.warn(f"mxfx: {config.rule_label(index)} matched no site", MXFXWarning, stacklevel=3)
+    _warn_left_out(sites, config)
     rewrites = dict(mxfx_meta(gm)["rewrites"])
     return PrepareReport(sites, tuple((config.rule_label(i), c) for i, c in enumerate(counts)), rewrites)
+
+
+def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
+    """An SDPA site a rule quantizes that is still a plain SDPA after the passes (dropout_p > 0:
+    mxfx.attention has no dropout) is recorded UNSUPPORTED with the reason, not QUANTIZED."""
+    for node in gm.graph.nodes:
+        site = site_of(node)
+        if site is None or site.kind != ATTENTION or not site.quantized or node.target is not SDPA:
+            continue
+        dropout = dict(zip((a.name for a in SDPA._schema.arguments), node.args)).get("dropout_p", node.kwargs.get("dropout_p", 0.0))
+        why = (f"scaled_dot_product_attention with dropout_p={dropout} (a training-mode graph): mxfx.attention has no "
+               "dropout; export the model in eval mode" if dropout else "the attention pass left this SDPA call unchanged")
+        annotate(node, dataclasses.replace(site, status=UNSUPPORTED, reason=why, attention=None))
+
+
+def _warn_left_out(sites: tuple[Site, ...], config: QuantConfig) -> None:
+    """Warn once when sites the config asked to quantize were left in high precision.
+
+    A site is *asked for* when the first rule matching its name quantizes its kind (a linear rule
+    with a weight or activation spec, an attention rule with an operand spec): `match = ".*"`
+    asks for every site. Such a site that mxfx could not quantize (UNSUPPORTED, CHECK_FAILED)
+    warns; a site a rule skips, or that no rule matches, does not.
+    """
+    left_out = []
+    for site in sites:
+        if site.status not in (UNSUPPORTED, CHECK_FAILED) or site.rule is None:
+            continue
+        rule = config.rules[site.rule]
+        if rule.quantizes_linear if site.kind == LINEAR else rule.quantizes_attention:
+            left_out.append(site)
+    if not left_out:
+        return
+    by_status = ", ".join(f"{sum(s.status == status for s in left_out)} {status}"
+                          for status in (UNSUPPORTED, CHECK_FAILED) if any(s.status == status for s in left_out))
+    first = "; ".join(f"{s.fqn} ({s.kind} {s.form}: {s.reason})" for s in left_out[:3])
+    more = f"; and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    warnings.warn(f"mxfx: {len(left_out)} site(s) the config asks to quantize were left in high precision "
+                  f"({by_status}): {first}{more}. See prepared.mxfx_report.unquantized.", MXFXWarning, stacklevel=4)
