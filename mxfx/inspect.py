@@ -20,6 +20,7 @@ from tabulate import tabulate
 from torch import fx
 
 from mxfx.errors import ArchiveError, MXTypeError
+from mxfx.passes._utils import module_path
 from mxfx.passes.match_attention_sites import SOFTMAXES
 from mxfx.sites import ATTENTION, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
 
@@ -31,8 +32,7 @@ def _site_name(node: fx.Node) -> str:
     site = site_of(node)
     if site is not None:
         return site.fqn
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    return stack[-1][0] if stack else ""
+    return module_path(node)
 
 
 def _rule_label(gm: fx.GraphModule, node: fx.Node) -> str:

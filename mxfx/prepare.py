@@ -21,7 +21,7 @@ from torch import fx
 from mxfx.config import QuantConfig, load_config
 from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
 from mxfx.export import export
-from mxfx.passes._utils import MXFX_META, mxfx_meta
+from mxfx.passes._utils import MXFX_META, module_path, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
@@ -154,9 +154,8 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
         def run_node(self, node):
             if node.op == "call_function" and node.target in quantizing:
                 x = self.env[node.args[0]]
-                stack = list((node.meta.get("nn_module_stack") or {}).values())
                 record = site_of(node)
-                site = record.fqn if record is not None else (stack[-1][0] if stack else "<root>")
+                site = record.fqn if record is not None else (module_path(node) or "<root>")
                 if not torch.isfinite(x).all():
                     found.append(site)
                     warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")

@@ -35,6 +35,13 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     return list((node.meta.get("nn_module_stack") or {}).values())
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost module enclosing `node` ("" at the root or without a stack):
+    the site name of a node with no Site (e.g. in a module loaded from a .pt2 file)."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
 # Ops a weight may pass through between its get_attr and the product and still be a constant
 # expression of that one parameter: views, transposes, slices, broadcasts, casts, copies.
 _WEIGHT_CHAIN_OPS = {

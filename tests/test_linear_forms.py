@@ -370,8 +370,8 @@ def test_unsupported_and_check_failed_are_recorded_and_left_alone():
     assert bits_equal(prepared(x), want)
 
 
-def test_summary_and_json_list_every_unquantized_site():
-    _, _, prepared = mixed_prepared(QuantConfig((Rule(match="mix", skip=True),
+def test_summary_and_json_list_every_unquantized_site(tmp_path):
+    _, x, prepared = mixed_prepared(QuantConfig((Rule(match="mix", skip=True),
                                                  Rule(match="proj", weight=MXSpec(W_FMT)))))
     summary = mxfx.summary(prepared)
     rows = {r["site"]: r for r in summary.rows}
@@ -384,6 +384,10 @@ def test_summary_and_json_list_every_unquantized_site():
     assert {r["site"]: r["status"] for r in data["sites"]} == {"proj": QUANTIZED, "mix": UNSUPPORTED, "odd": CHECK_FAILED}
     assert "check failed" in summary.to_csv() and "left operand" in summary.table()
     assert {s.fqn for s in prepared.mxfx_report.unquantized} == {"mix", "odd"}
+    loaded = mxfx.load(mxfx.save(prepared, tmp_path / "mixed.pt2"))  # what `mxfx inspect --format json` reads
+    data = json.loads(mxfx.summary(loaded).to_json())
+    assert {r["site"]: r["status"] for r in data["sites"]} == {"proj": QUANTIZED, "mix": UNSUPPORTED, "odd": CHECK_FAILED}
+    assert data["totals"]["unsupported sites"] == 1 and bits_equal(loaded(x), prepared(x))
 
 
 def test_left_out_warning_fires_once_and_not_for_skip_rules_or_no_rule():
