@@ -489,3 +489,25 @@ def test_gpt2_from_transformers_has_nine_linear_sites(attn):
     out = prepared(idx)
     out = out.logits if hasattr(out, "logits") else out["logits"]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("make", [EinsumPermuted, BmmExpand, Conv1D, MatmulInOut])
+def test_new_nodes_have_correct_meta_val(make):
+    model, x = Container(make()), torch.randn(2, 8, 64)
+    gm = mxfx.export(model, (x,)).module()
+    assert CanonicalizeLinearPass()(gm).modified
+    recorded = {n.name: n.meta["val"] for n in gm.graph.nodes
+                if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)}
+    real = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            real[n.name] = out
+            return out
+
+    Recorder(gm).run(x)
+    for name, val in recorded.items():
+        assert tuple(val.shape) == tuple(real[name].shape) and val.dtype == real[name].dtype, name
+    assert sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes) == 1
+    assert bits_equal(gm(x), model(x)) or torch.allclose(gm(x), model(x), rtol=1e-6, atol=1e-6)
