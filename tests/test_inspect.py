@@ -161,6 +161,7 @@ def test_cli_formats_quantize_inspect_and_exit_codes(tmp_path):
     assert result.returncode == 0, result.stderr
     result = run_cli("inspect", str(out), "--graph", "--format", "json")
     assert result.returncode == 0 and '"quantized sites": 3' in result.stdout and "# MX @ net.0" in result.stdout
+    assert '"status": "quantized"' in result.stdout and '"unsupported sites": 0' in result.stdout
     result = run_cli("quantize", "cli_models:mlp", "--config", "no_such_preset", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 1 and "ConfigError" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()[-1]) < 400
