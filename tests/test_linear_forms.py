@@ -437,6 +437,15 @@ class EinsumTwoContracted(nn.Module):
         return torch.einsum("bhk,hkn->bn", x, self.weight)
 
 
+class Bmm3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 16, 8))  # one matrix per batch entry: not a linear
+
+    def forward(self, x):
+        return torch.bmm(x, self.weight)
+
+
 class SDPADropout(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
@@ -446,6 +455,9 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(EinsumTwoContracted(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "einsum", UNSUPPORTED)]
     assert "indices" in sites[0].reason
+    sites = mxfx.find_sites(mxfx.export(Bmm3D(), (torch.randn(2, 4, 16),)), config())
+    assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "bmm", UNSUPPORTED)]
+    assert "3-D and not a broadcast of a 2-D weight" in sites[0].reason
     from mxfx.config import AttentionSpec
 
     spec = MXSpec(A_FMT)
