@@ -523,3 +523,14 @@ def test_new_nodes_have_correct_meta_val(make):
         assert tuple(val.shape) == tuple(real[name].shape) and val.dtype == real[name].dtype, name
     assert sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes) == 1
     assert bits_equal(gm(x), model(x)) or torch.allclose(gm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_conv1d_and_bmm_forms_equal_eager(fresh_dynamo):
+    torch.manual_seed(0)
+    model = nn.Sequential(Container(Conv1D()), nn.Linear(32, 64), Container(BmmExpand()))
+    x = torch.randn(2, 8, 64)
+    prepared = mxfx.prepare(model, config(), (x,))
+    assert [s.form for s in prepared.mxfx_report.sites] == ["addmm", "linear", "bmm"]
+    compiled = torch.compile(prepared, fullgraph=True)
+    assert bits_equal(compiled(x), prepared(x))
