@@ -193,16 +193,33 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
 
 
 def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
-    """An SDPA site a rule quantizes that is still a plain SDPA after the passes (dropout_p > 0:
-    mxfx.attention has no dropout) is recorded UNSUPPORTED with the reason, not QUANTIZED."""
+    """An attention site a rule quantizes that the attention pass left as it was is recorded
+    UNSUPPORTED with the reason, not QUANTIZED: an SDPA call with dropout_p > 0 (mxfx.attention
+    has no dropout), or an explicit form whose matmuls got no quantized operand (an einsum the
+    pass does not handle)."""
+    by_name = {node.name: node for node in gm.graph.nodes}
     for node in gm.graph.nodes:
         site = site_of(node)
-        if site is None or site.kind != ATTENTION or not site.quantized or node.target is not SDPA:
+        if site is None or site.kind != ATTENTION or not site.quantized:
             continue
-        dropout = dict(zip((a.name for a in SDPA._schema.arguments), node.args)).get("dropout_p", node.kwargs.get("dropout_p", 0.0))
-        why = (f"scaled_dot_product_attention with dropout_p={dropout} (a training-mode graph): mxfx.attention has no "
-               "dropout; export the model in eval mode" if dropout else "the attention pass left this SDPA call unchanged")
+        if node.target is SDPA:
+            args = dict(zip((a.name for a in SDPA._schema.arguments), node.args)) | dict(node.kwargs)
+            dropout = args.get("dropout_p", 0.0)
+            why = (f"scaled_dot_product_attention with dropout_p={dropout} (a training-mode graph): mxfx.attention "
+                   "has no dropout; export the model in eval mode" if dropout else
+                   "the attention pass left this SDPA call unchanged")
+        elif site.nodes and not any(_has_quantized_operand(by_name.get(name)) for name in site.nodes):
+            why = "the attention pass quantized neither matmul (a form it does not handle, e.g. this einsum)"
+        else:
+            continue
         annotate(node, dataclasses.replace(site, status=UNSUPPORTED, reason=why, attention=None))
+
+
+def _has_quantized_operand(matmul: fx.Node | None) -> bool:
+    if matmul is None:
+        return False
+    operands = matmul.args[1] if matmul.target is torch.ops.aten.einsum.default else matmul.args[:2]
+    return any(isinstance(o, fx.Node) and o.target is torch.ops.mxfx.fake_quantize.default for o in operands)
 
 
 def _warn_left_out(sites: tuple[Site, ...], config: QuantConfig) -> None:

@@ -279,7 +279,7 @@ def test_multihead_attention_packed_weight_slices(storage):
         ("attn.in_proj.q", (64, 64)), ("attn.in_proj.kv", (128, 64)), ("attn.out_proj", (64, 64))]
     assert all(s.quantized and s.weight_target.startswith("attn.") for s in sites if s.kind == LINEAR)
     want = model.eval().reference(x, memory)
-    torch.testing.assert_close(prepared(x, memory), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(prepared(x, memory), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     if storage == "packed":  # both slices quantized: the packed fp weight is gone
         assert "attn.in_proj_weight" not in dict(prepared.named_parameters())
 
@@ -291,7 +291,7 @@ def test_multihead_attention_self_attention_is_one_in_proj_site():
     assert [(s.fqn, s.weight_shape) for s in prepared.mxfx_report.sites if s.kind == LINEAR] == [
         ("attn.in_proj", (192, 64)), ("attn.out_proj", (64, 64))]
     want = model.eval().reference(x)
-    torch.testing.assert_close(prepared(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(prepared(x), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
 def test_a_skipped_slice_keeps_the_packed_weight_for_the_other():
@@ -500,7 +500,7 @@ def test_gpt2_from_transformers_has_nine_linear_sites(attn):
             h.remove()
     out = prepared(idx)
     out = out.logits if hasattr(out, "logits") else out["logits"]
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("make", [EinsumPermuted, BmmExpand, Conv1D, MatmulInOut])
