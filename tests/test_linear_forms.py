@@ -451,6 +451,14 @@ class SDPADropout(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
 
 
+class ImplicitEinsumAttention(nn.Module):
+    """Single-head attention spelled with implicit-output einsums (which the attention pass skips)."""
+
+    def forward(self, q, k, v):
+        p = torch.softmax(torch.einsum("id,jd", q, k), dim=-1)
+        return torch.einsum("ij,jd", p, v).t()
+
+
 def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(EinsumTwoContracted(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "einsum", UNSUPPORTED)]
@@ -468,6 +476,11 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     (site,) = prepared.mxfx_report.sites
     assert site.status == UNSUPPORTED and "dropout_p=0.25" in site.reason
     assert sum("left in high precision" in str(w.message) for w in caught) == 1
+    q = torch.randn(8, 32)
+    with pytest.warns(mxfx.MXFXWarning, match="left in high precision"):
+        prepared = mxfx.prepare(ImplicitEinsumAttention(), cfg, (q, q, q))
+    (site,) = prepared.mxfx_report.sites
+    assert site.form == "matmul" and site.status == UNSUPPORTED and "quantized neither matmul" in site.reason
 
 
 @pytest.mark.slow
