@@ -468,6 +468,16 @@ class Bmm3D(nn.Module):
         return torch.bmm(x, self.weight)
 
 
+class MaskedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+        self.register_buffer("mask", torch.ones(8, 16).tril())
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight * self.mask, self.proj.bias)
+
+
 class SDPADropout(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
@@ -488,6 +498,9 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(Bmm3D(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "bmm", UNSUPPORTED)]
     assert "3-D and not a broadcast of a 2-D weight" in sites[0].reason
+    sites = mxfx.find_sites(mxfx.export(MaskedWeight(), (torch.randn(2, 16),)), config())
+    assert [(s.fqn, s.form, s.status) for s in sites] == [("proj", "linear", UNSUPPORTED)]
+    assert "computed by aten.mul.Tensor" in sites[0].reason
     from mxfx.config import AttentionSpec
 
     spec = MXSpec(A_FMT)
