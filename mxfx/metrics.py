@@ -57,10 +57,12 @@ class MetricAccumulator:
         self.signal += rows_ref.square().sum().item()
         self.noise += diff.square().sum().item()
         self.count += rows_ref.numel()
-        # Per-row cosine; two all-zero rows are identical (F.cosine_similarity would say 0).
+        # Per-row cosine; identical rows count exactly 1 (also two all-zero rows, which
+        # F.cosine_similarity would call 0), a zero row against a nonzero one 0.
         norms = rows_ref.norm(dim=-1) * rows_tst.norm(dim=-1)
         dots = (rows_ref * rows_tst).sum(-1)
-        cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), (diff.abs().amax(-1) == 0).to(dots.dtype))
+        identical = diff.abs().amax(-1) == 0
+        cosine = torch.where(identical, 1.0, torch.where(norms > 0, dots / norms.clamp_min(1e-300), 0.0))
         self.cosine_sum += cosine.sum().item()
         self.rows += rows_ref.shape[0]
         if self.kl_enabled:
