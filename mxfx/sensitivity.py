@@ -595,11 +595,11 @@ def sensitivity(
             raise MXValueError(f"no sites the {mode} mode can measure: {unmeasured}")
     fingerprint = _run_fingerprint(model, batches, mode, cands, block_size, targets, kinds, loss_fn)
     path = None if resume is None else Path(resume)
-    done = _read_resume(path, fingerprint) if path is not None else {}
-
     items = [(t, c) for t in targets for c in cands]
-    todo = [(i, t, c) for i, (t, c) in enumerate(items) if (t.kind, t.fqn, *c) not in done]
     with distributed.process_group() as (rank, world):
+        done = _read_resume(path, fingerprint) if path is not None else {}
+        distributed.barrier(world)  # every rank reads the same files before any rank writes
+        todo = [(i, t, c) for i, (t, c) in enumerate(items) if (t.kind, t.fqn, *c) not in done]
         mine = [(i, t, c) for n, (i, t, c) in enumerate(todo) if n % world == rank]
         measure = _measure_model if mode in ("isolated", "all-but-one") else _measure_local
         writer = _ResumeWriter(path, fingerprint, mode, metric, cands, unmeasured, rank, world, done)

@@ -399,10 +399,10 @@ def test_cli_sensitivity_gradient(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     run = lambda *a: subprocess.run([sys.executable, "-m", "mxfx", *a], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)  # noqa: E731
     result = run("sensitivity", "fragile_models:fragile", "--mode", "gradient", "--candidates",
-                 "fp4_e2m1:fp8_e4m3,fp8_e4m3", "--out", "r.json", "--md")
+                 "fp4_e2m1,fp8_e4m3:none", "--out", "r.json", "--md")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[2].startswith("| b ") and "8/8" in result.stderr
     report = SensitivityReport.from_json((tmp_path / "r.json").read_text())
-    assert report.mode == "gradient" and report.candidates == [("fp4_e2m1", "fp8_e4m3"), ("fp8_e4m3", "fp8_e4m3")]
+    assert report.mode == "gradient" and report.candidates == [("fp4_e2m1", "fp4_e2m1"), ("fp8_e4m3", None)]
     result = run("sensitivity", "fragile_models:fragile", "--mode", "local", "--formats", "int8", "--out", "r.json")
     assert result.returncode == 1 and "differing: mode" in result.stderr
