@@ -316,31 +316,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model, batches = fragile()
-        for mode in ("isolated", "gradient"):
-            report = mxfx.sensitivity(model, batches, FORMATS, mode=mode, progress=None,
-                                      resume=os.path.join(out_dir, f"{mode}.json"))
-            with open(os.path.join(out_dir, f"{mode}.rank{rank}.out"), "w") as f:
-                f.write(report.to_json())
-    finally:
-        dist.destroy_process_group()
+_RANKS_SCRIPT = """
+import os, sys, torch, mxfx
+from mxfx.model_zoo import MLP
+torch.manual_seed(0)
+model, batches = MLP(d=32, hidden=32, out=8), [torch.randn(4, 32) for _ in range(2)]
+for mode in ("isolated", "gradient"):
+    calls = []
+    report = mxfx.sensitivity(model, batches, ["fp8_e4m3", "fp4_e2m1"], mode=mode, progress=lambda *a: calls.append(a),
+                              resume=os.path.join(sys.argv[1], mode + ".json"))
+    with open(os.path.join(sys.argv[1], f"{mode}.rank{os.environ['RANK']}.out"), "w") as f:
+        f.write(report.to_json())
+    with open(os.path.join(sys.argv[1], f"{mode}.rank{os.environ['RANK']}.measured"), "w") as f:
+        f.write(str(len(calls)))
+"""
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_give_the_single_process_report(tmp_path):
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    model, batches = fragile()
+def test_two_torchrun_ranks_give_the_single_process_report(tmp_path):
+    # torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT): sensitivity initializes gloo itself
+    (tmp_path / "ranks.py").write_text(_RANKS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(_free_port()), str(tmp_path / "ranks.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    model, batches = MLP(d=32, hidden=32, out=8), [torch.randn(4, 32) for _ in range(2)]
     for mode in ("isolated", "gradient"):
-        single = mxfx.sensitivity(model, batches, FORMATS, mode=mode, progress=None)
+        single = mxfx.sensitivity(model, batches, ["fp8_e4m3", "fp4_e2m1"], mode=mode, progress=None)
         for rank in (0, 1):
             sharded = SensitivityReport.from_json((tmp_path / f"{mode}.rank{rank}.out").read_text())
             assert sharded.rows == single.rows  # same rows, same order, on every rank
+            assert (tmp_path / f"{mode}.rank{rank}.measured").read_text() == "3"  # half of 3 sites x 2 each
         assert SensitivityReport.from_json((tmp_path / f"{mode}.json").read_text()).rows == single.rows
     assert not list(tmp_path.glob("*.json.rank*"))  # partial files merged and removed
 
