@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,8 @@ def _cmd_sensitivity(args) -> None:
     report = mxfx.sensitivity(model, example, formats, candidates=candidates, mode=args.mode, metric=args.metric,
                               kinds=args.kinds.split(","), block_size=args.block_size, progress=_print_progress,
                               resume=args.out)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank has the report; rank 0 prints it
+        return
     print(report.to_markdown() if args.md else report.table())
     if args.plot:
         print(f"wrote {report.plot(args.plot)}")

@@ -172,7 +172,7 @@ class _Target:
     form: str
     nodes: list[str]
     weight_numel: int
-    operand_nodes: list[str] = dataclasses.field(default_factory=list)  # explicit attention: QK^T, PV
+    operand_nodes: list[str] = dataclasses.field(default_factory=list)  # explicit attention: QK^T, PV of each call
 
 
 def _targets(gm: fx.GraphModule, kinds: Sequence[str], sites: Iterable[str] | None) -> tuple[list[_Target], list[dict]]:
@@ -224,13 +224,34 @@ class _Recorder(fx.Interpreter):
         self.records: dict[str, list] = {t.fqn: [] for t in targets}
         self.numel: dict[str, int] = {t.fqn: 0 for t in targets}
         self.outputs: list[torch.Tensor] = []  # grad=True: the site outputs, in record order
+        # explicit attention (keep=True): node -> its chain QK^T .. PV, and the values from outside
+        # the chain that the chain reads (recorded while they are alive: the Interpreter frees values)
+        self.chain_of: dict[fx.Node, list[fx.Node]] = {}
+        self.pv_target: dict[fx.Node, _Target] = {}
+        self.outside: dict[int, dict[fx.Node, Any]] = {}
+        if keep:
+            by_name = {n.name: n for n in gm.graph.nodes}
+            for t in targets:
+                for qk, pv in zip(t.operand_nodes[::2], t.operand_nodes[1::2]):
+                    chain = attention_chain(by_name[qk], by_name[pv])
+                    for n in chain:
+                        self.chain_of[n] = chain
+                    self.pv_target[by_name[pv]] = t
 
     def fetch_attr(self, target: str):
         value = super().fetch_attr(target)
         return value.detach() if isinstance(value, torch.Tensor) else value
 
     def run_node(self, node: fx.Node):
+        chain = self.chain_of.get(node)
+        if chain is not None:
+            values = self.outside.setdefault(id(chain), {})
+            values.update({n: _detached(self.env[n]) for n in node.all_input_nodes if n not in self.chain_of})
         out = super().run_node(node)
+        if node in self.pv_target:
+            target = self.pv_target[node]
+            out = self._keep_output(out)
+            self.records[target.fqn].append((("explicit", chain, self.outside.pop(id(chain))), out))
         if node.name in self.operands:  # an explicit attention's QK^T or PV matmul
             args, _ = self.fetch_args_kwargs_from_env(node)
             tensors = args[1] if node.target is torch.ops.aten.einsum.default else args[:2]
@@ -253,19 +274,74 @@ class _Recorder(fx.Interpreter):
             record = ("sdpa", q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
                       bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]), float(a["dropout_p"]))
         else:
-            record = None  # explicit attention: counted through its matmuls; not recomputed here
+            record = None  # explicit attention: counted through its matmuls, recorded at its PV matmul
         if self.keep and record is not None:
-            if self.grad and isinstance(out, torch.Tensor):
-                if not out.requires_grad:  # no earlier site feeds it: a leaf is exact here
-                    out = out.detach().requires_grad_()
-                self.outputs.append(out)
+            out = self._keep_output(out)
             self.records[target.fqn].append((record, out))
         return out
+
+    def _keep_output(self, out):
+        if self.grad and isinstance(out, torch.Tensor):
+            if not out.requires_grad:  # no earlier site feeds it: a leaf is exact here
+                out = out.detach().requires_grad_()
+            self.outputs.append(out)
+        return out
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def attention_chain(qk: fx.Node, pv: fx.Node) -> list[fx.Node]:
+    """The nodes on the paths from an explicit attention's QK^T matmul to its PV matmul (both
+    included), in graph order: what the local and gradient modes re-evaluate with quantized operands."""
+    below, frontier = {qk}, [qk]
+    while frontier:
+        frontier = [u for n in frontier for u in n.users if u not in below and not below.add(u)]
+    above, frontier = {pv}, [pv]
+    while frontier:
+        frontier = [i for n in frontier for i in n.all_input_nodes if i not in above and not above.add(i)]
+    return [n for n in qk.graph.nodes if n in below and n in above]
+
+
+def _explicit_support(target: _Target, gm: fx.GraphModule) -> str | None:
+    """Why an explicit attention cannot be recomputed from its recorded chain, or None."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for qk, pv in zip(target.operand_nodes[::2], target.operand_nodes[1::2]):
+        if by_name[qk].target not in _MATMULS or by_name[pv].target not in _MATMULS:
+            return "an einsum attention matmul (recomputed by model runs only: mode='isolated' or 'all-but-one')"
+        if any(n.op != "call_function" for n in attention_chain(by_name[qk], by_name[pv])):
+            return "a module call inside the attention chain"
+    return None
+
+
+def _explicit_outputs(record: tuple, activation_format: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-evaluate an explicit attention chain without and with MX operands: Q and K blocked along
+    the QK^T reduction axis (Q's last, K^T's second-to-last), P along its last axis and V along its
+    second-to-last (the PV reduction axis), as `QuantizeAttentionPass` does (OCP MX v1.0 §6.2)."""
+    _, chain, outside = record
+    qk, pv = chain[0], chain[-1]
+    results = []
+    for fmt in (None, activation_format):
+        env: dict[fx.Node, Any] = {}
+        for node in chain:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n] if n in env else outside[n])
+            if fmt is not None and node in (qk, pv):
+                args = (fake_quantize(args[0], fmt, block_size=block_size, axis=-1),
+                        fake_quantize(args[1], fmt, block_size=block_size, axis=-2), *args[2:])
+            env[node] = node.target(*args, **kwargs)
+        results.append(env[pv])
+    return results[0], results[1]
 
 
 def _site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(high-precision output, output with the candidate's quantization) of one recorded site call."""
     weight_format, activation_format = candidate
+    if record[0] == "explicit":
+        return _explicit_outputs(record, activation_format, block_size)
     if record[0] == LINEAR:
         _, x, w, b = record
         xq = x if activation_format is None else fake_quantize(x, activation_format, block_size=block_size)
@@ -586,11 +662,11 @@ def sensitivity(
     find_sites(base)  # annotate only
     targets, unmeasured = _targets(base, kinds, sites)
     if mode in ("local", "gradient"):
+        why = {id(t): _explicit_support(t, base) for t in targets if t.kind == ATTENTION and t.form != "sdpa"}
         for t in targets:
-            if t.kind == ATTENTION and t.form != "sdpa":
-                unmeasured.append({"site": t.fqn, "kind": t.kind, "reason": f"explicit attention ({t.form} form): the {mode} "
-                                   "mode recomputes SDPA sites only; measure it with mode='isolated' or 'all-but-one'"})
-        targets = [t for t in targets if t.kind == LINEAR or t.form == "sdpa" or mode not in ("local", "gradient")]
+            if why.get(id(t)) is not None:
+                unmeasured.append({"site": t.fqn, "kind": t.kind, "reason": f"{mode} mode cannot recompute {why[id(t)]}"})
+        targets = [t for t in targets if why.get(id(t)) is None]
         if not targets:
             raise MXValueError(f"no sites the {mode} mode can measure: {unmeasured}")
     fingerprint = _run_fingerprint(model, batches, mode, cands, block_size, targets, kinds, loss_fn)

@@ -229,14 +229,26 @@ def test_attention_rows_next_to_linears():
     assert [r["kind"] for r in only.rows] == ["attention"]
 
 
-def test_explicit_attention_is_measured_by_model_runs_and_reported_in_local_mode():
-    model, idx = nano(flash=False)
-    local = mxfx.sensitivity(model, idx, ["fp8_e4m3"], kinds=["linear", "attention"], mode="local", progress=None)
-    assert [u["site"] for u in local.unmeasured] == ["transformer.h.0.attn"]
-    assert "not measured: transformer.h.0.attn" in local.table()
-    iso = mxfx.sensitivity(model, idx, ["fp4_e2m1"], kinds=["attention"], mode="isolated", progress=None)
-    (row,) = iso.rows
-    assert row["activation_numel"] == 4 * 2 * 4 * 16 * 16 and row["loss"] > 0
+def test_explicit_attention_is_recomputed_like_sdpa():
+    # the same weights with nanoGPT's manual QK^T -> softmax -> PV path and with its SDPA path
+    for mode in ("local", "gradient"):
+        rows = []
+        for flash in (True, False):
+            model, idx = nano(flash=flash)
+            report = mxfx.sensitivity(model, idx, ["fp4_e2m1"], kinds=["attention"], mode=mode, progress=None)
+            assert report.unmeasured == [] and len(report.rows) == 1
+            rows.append(report.rows[0])
+        sdpa, explicit = rows
+        assert explicit["activation_numel"] == sdpa["activation_numel"] == 4 * 2 * 4 * 16 * 16
+        for key in ("loss", "mse", "sqnr"):
+            assert explicit[key] == pytest.approx(sdpa[key], rel=1e-4)
+        assert explicit["loss"] > 0
+
+
+def test_unmeasured_sites_are_listed_in_the_table():
+    report = SensitivityReport([], "local", candidates=[("int8", "int8")],
+                               unmeasured=[{"site": "attn", "kind": "attention", "reason": "an einsum attention matmul"}])
+    assert "not measured: attn (attention): an einsum attention matmul" in report.table()
 
 
 # --- resume ------------------------------------------------------------------------------------
