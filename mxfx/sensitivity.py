@@ -564,7 +564,8 @@ class SensitivityReport:
         except ImportError:
             raise MXValueError("plot needs matplotlib: pip install matplotlib") from None
         sites = list(dict.fromkeys((r["kind"], r["site"]) for r in self.rows))
-        labels = [candidate_label(c) for c in self.candidates]
+        pairs = self.candidates or list(dict.fromkeys((r["weight_format"], r["activation_format"]) for r in self.rows))
+        labels = [candidate_label(c) for c in pairs]
         grid = [[math.nan] * len(labels) for _ in sites]
         index = {s: i for i, s in enumerate(sites)}
         for row in self.rows:
@@ -744,10 +745,17 @@ def _measure_local(program, base, targets, mine, batches, mode, block_size, loss
             output = recorder.run(*flat)
         for fqn, n in recorder.numel.items():
             numel[fqn] += n
-        grads: list[tuple] = []
+        # gradient mode: mean over the scalars of G^2 per site output (score = sum(mean G^2 * err^2))
+        fisher: list[torch.Tensor | None] = [None] * len(recorder.outputs)
         if grad and recorder.outputs:
-            grads = [torch.autograd.grad(s, recorder.outputs, retain_graph=True, allow_unused=True)
-                     for s in _scalars(_structured(base, output), batch, loss_fn)]
+            scalars = _scalars(_structured(base, output), batch, loss_fn)
+            for s in scalars:
+                grads = torch.autograd.grad(s, recorder.outputs, retain_graph=True, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is not None:
+                        term = g.detach().float().square() / len(scalars)
+                        fisher[k] = term if fisher[k] is None else fisher[k] + term
+                del grads
         index = {id(out): k for k, out in enumerate(recorder.outputs)}
         with torch.no_grad():
             for i, target, candidate in mine:
@@ -756,13 +764,10 @@ def _measure_local(program, base, targets, mine, batches, mode, block_size, loss
                 for record, out in recorder.records[target.fqn]:
                     reference, quantized = _site_outputs(record, candidate, block_size)
                     accs[i].add(reference, quantized)
-                    if grads:
-                        error = (quantized.double() - reference.double()).square()
-                        for per_scalar in grads:
-                            g = per_scalar[index[id(out)]]
-                            if g is not None:
-                                scores[i] += (g.double().square() * error).sum().item() / len(grads)
-        del recorder, grads, output
+                    g2 = fisher[index[id(out)]] if grad else None
+                    if g2 is not None:  # None: the scalar does not depend on this output (score 0)
+                        scores[i] += (g2.double() * (quantized.double() - reference.double()).square()).sum().item()
+        del recorder, fisher, output
     results = {}
     for n, (i, target, candidate) in enumerate(mine, 1):
         if target.kind == ATTENTION and candidate[1] is None:
@@ -819,21 +824,21 @@ def _measure_model(program, base, targets, mine, batches, mode, block_size, loss
                 acc.add(reference, _primary_output(prepared(*batch)))
         return acc.result()
 
-    everything: dict[Candidate, float] = {}  # all-but-one: MSE with every site quantized, per candidate
+    everything: dict[Candidate, dict] = {}  # all-but-one: metrics with every site quantized, per candidate
     results, start = {}, time.perf_counter()
     for n, (i, target, candidate) in enumerate(mine, 1):
+        if mode == "all-but-one" and candidate not in everything:
+            everything[candidate] = run(_all_but(targets, None, candidate))
         if target.kind == ATTENTION and candidate[1] is None:
             row = _unchanged(target, candidate, mode, numel[target.fqn], kl=True)
             if mode == "all-but-one":  # excluding a site the candidate leaves alone changes nothing
-                row = _row(target, candidate, mode, numel[target.fqn], run(_all_but(targets, None, candidate)), 0.0)
+                row = _row(target, candidate, mode, numel[target.fqn], everything[candidate], 0.0)
         elif mode == "isolated":
             metrics = run({target: candidate})
             row = _row(target, candidate, mode, numel[target.fqn], metrics, metrics["mse"])
         else:
-            if candidate not in everything:
-                everything[candidate] = run(_all_but(targets, None, candidate))["mse"]
             metrics = run(_all_but(targets, target, candidate))
-            row = _row(target, candidate, mode, numel[target.fqn], metrics, everything[candidate] - metrics["mse"])
+            row = _row(target, candidate, mode, numel[target.fqn], metrics, everything[candidate]["mse"] - metrics["mse"])
         results[i] = row
         writer.add(row)
         if progress is not None:
