@@ -142,6 +142,8 @@ def _primary_output(output: Any) -> torch.Tensor:
 
 
 def _batches(inputs) -> list[tuple]:
+    if isinstance(inputs, dict):
+        raise MXTypeError("sensitivity takes positional inputs: a tensor, a tuple of them, or a list of such batches")
     if isinstance(inputs, torch.Tensor):
         return [(inputs,)]
     if isinstance(inputs, tuple):
@@ -155,8 +157,8 @@ def _batches(inputs) -> list[tuple]:
 def _structured(gm: fx.GraphModule, flat: Any) -> Any:
     """An Interpreter's flat output in the model's output structure."""
     spec = getattr(gm, "_out_spec", None)
-    if spec is None or spec.is_leaf():
-        return flat
+    if spec is None or spec.is_leaf() or pytree.tree_structure(flat) == spec:
+        return flat  # already structured (e.g. a Hugging Face ModelOutput)
     return pytree.tree_unflatten(list(flat), spec)
 
 
@@ -750,6 +752,8 @@ def _measure_local(program, base, targets, mine, batches, mode, block_size, loss
         if grad and recorder.outputs:
             scalars = _scalars(_structured(base, output), batch, loss_fn)
             for s in scalars:
+                if not s.requires_grad:  # the output depends on no site: every score stays 0
+                    continue
                 grads = torch.autograd.grad(s, recorder.outputs, retain_graph=True, allow_unused=True)
                 for k, g in enumerate(grads):
                     if g is not None:

@@ -425,3 +425,22 @@ def test_cli_sensitivity_gradient(tmp_path):
     assert report.mode == "gradient" and report.candidates == [("fp4_e2m1", "fp4_e2m1"), ("fp8_e4m3", None)]
     result = run("sensitivity", "fragile_models:fragile", "--mode", "local", "--formats", "int8", "--out", "r.json")
     assert result.returncode == 1 and "differing: mode" in result.stderr
+
+
+def test_gradient_loss_fn_sees_a_hugging_face_output():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    idx = torch.randint(0, 128, (1, 16))
+    seen = []
+
+    def loss_fn(output, batch):
+        seen.append(type(output).__name__)
+        return F.cross_entropy(output.logits[0, :-1], batch[0][0, 1:])
+
+    report = mxfx.sensitivity(model, idx, ["fp4_e2m1"], mode="gradient", loss_fn=loss_fn, progress=None)
+    assert seen == ["CausalLMOutputWithPast"]
+    assert {r["kind"] for r in report.rows} == {"linear", "attention"} and len(report.rows) == 9
+    assert all(r["loss"] > 0 for r in report.rows)
