@@ -682,7 +682,7 @@ def sensitivity(
         mine = [(i, t, c) for n, (i, t, c) in enumerate(todo) if n % world == rank]
         measure = _measure_model if mode in ("isolated", "all-but-one") else _measure_local
         writer = _ResumeWriter(path, fingerprint, mode, metric, cands, unmeasured, rank, world, done)
-        results = measure(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer)
+        results = measure(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) if mine else {}
         results = distributed.gather(results, world)
         rows = []
         for i, (t, c) in enumerate(items):
