@@ -427,6 +427,7 @@ def test_cli_sensitivity_gradient(tmp_path):
     assert result.returncode == 1 and "differing: mode" in result.stderr
 
 
+@pytest.mark.slow
 def test_gradient_loss_fn_sees_a_hugging_face_output():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
