@@ -29,12 +29,12 @@ import logging
 import math
 import re
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate

@@ -74,7 +74,7 @@ def test_search_meets_budget_and_beats_uniform(tmp_path):
     model, batches = fixture()
     config, result = mxfx.search(model, batches, FORMATS, budget_bits=6.25, toml_path=tmp_path / "mixed.toml", progress=None)
     assert result.average_bits <= 6.25
-    assert result.assignment["b"] == "fp8_e4m3"  # the fragile layer keeps the widest format
+    assert result.assignment["b"] == ("fp8_e4m3", "fp8_e4m3")  # the fragile layer keeps the widest format
     uniform = mxfx.QuantConfig((mxfx.Rule(match=".*", weight=mxfx.MXSpec("fp6_e2m3"), activation=mxfx.MXSpec("fp6_e2m3")),))
     assert result.measured["mse"] < mxfx.evaluate(model, batches, uniform)["mse"]
     loaded = mxfx.load_config(tmp_path / "mixed.toml")
