@@ -306,6 +306,7 @@ class FrontPoint:
     activation_bits: float | None
     value: float  # the front's metric
     result: SearchResult
+    config: QuantConfig  # the config that was prepared and evaluated
     on_front: bool = False
 
 
@@ -487,14 +488,14 @@ def search(
         config, result = _solve_one(budget, **common)
         result.measured = evaluate(config)
         points.append(FrontPoint(f"search {budget:g}", "search", result.average_bits, result.average_activation_bits,
-                                 result.measured[metric], result))
+                                 result.measured[metric], result, config))
         if progress is not None:
             progress(len(points), total, time.perf_counter() - start, points[-1].label)
     for candidate in candidates:
         config, result = _uniform(candidate, **common)
         result.measured = evaluate(config)
         points.append(FrontPoint(f"uniform {_label(candidate)}", "uniform", result.average_bits,
-                                 result.average_activation_bits, result.measured[metric], result))
+                                 result.average_activation_bits, result.measured[metric], result, config))
         if progress is not None:
             progress(len(points), total, time.perf_counter() - start, points[-1].label)
     front = Front(points, metric, higher_is_better)
