@@ -17,6 +17,7 @@ from tabulate import tabulate
 import mxfx
 from mxfx import pretrained
 from mxfx.search import measure, normalize_candidates
+from mxfx.sensitivity import parse_candidates
 
 warnings.filterwarnings("ignore")
 CANDIDATES = "fp4_e2m1,fp4_e2m1:fp8_e4m3,fp4_e2m1:int8,fp6_e2m3,fp6_e2m3:int8,fp8_e4m3,int8"
@@ -25,8 +26,6 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def main() -> None:
-    from mxfx.cli import parse_candidates
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="4.5,5.25,6.25,7.25,8.25")
     parser.add_argument("--candidates", default=CANDIDATES)

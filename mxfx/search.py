@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,15 +36,14 @@ import tomllib
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
-from torch import fx
 
-from mxfx.api import fake_quantize
 from mxfx.config import QuantConfig, config_from_dict
 from mxfx.errors import MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
+from mxfx.metrics import HIGHER_IS_BETTER, MetricAccumulator
 from mxfx.prepare import prepare
-from mxfx.sites import ATTENTION, LINEAR, find_sites, site_of
+from mxfx.sites import ATTENTION, LINEAR
 from mxfx.solver import solve
 
 log = logging.getLogger(__name__)
@@ -55,7 +52,7 @@ _sensitivity_module = importlib.import_module("mxfx.sensitivity")
 
 HIGH_PRECISION_ACTIVATION_BITS = 16  # an unquantized activation, counted as bf16/fp16 for the act budget
 DEFAULT_FORMATS = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1")
-MODES = ("gradient", "local", "isolated")
+MODES = ("gradient", "local", "isolated", "all-but-one")
 Candidate = tuple[str | None, str | None]  # (weight format, activation format); None: high precision
 
 
@@ -71,10 +68,8 @@ def _bits(fmt: str | None, block_size: int, high_precision_bits: int) -> Fractio
 
 
 def _label(candidate: Candidate) -> str:
-    weight, activation = candidate
-    if weight == activation:
-        return str(weight)
-    return f"w={weight or 'hp'} a={activation or 'hp'}"
+    """"fp8_e4m3" for (fp8_e4m3, fp8_e4m3), "fp4_e2m1:fp8_e4m3" otherwise (the --candidates syntax)."""
+    return _sensitivity_module.candidate_label(candidate)
 
 
 def normalize_candidates(formats: Iterable[str] | None, candidates: Iterable[Sequence] | None) -> list[Candidate]:
@@ -127,12 +122,11 @@ def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
 
 
 def default_loss(output: Any, batch: tuple) -> torch.Tensor:
-    """The loss whose gradient the `gradient` mode uses when no `loss_fn` is given.
+    """Gradient-mode loss for causal LMs: next-token cross-entropy on the batch's own tokens.
 
-    A causal LM (integer token ids in, [B, T, vocab] logits out): next-token cross-entropy on
-    the batch's own tokens. Anything else: `<output, v>` with a fixed Gaussian probe v, whose
-    squared gradient estimates the Jacobian's column norms, so the Taylor score estimates the
-    growth of the model-output MSE (a Gauss-Newton diagonal).
+    (integer token ids in, [B, T, vocab] logits out). Anything else: `<output, v>` with a fixed
+    Gaussian probe v (its squared gradient estimates the Jacobian's column norms, so the Taylor
+    score estimates the growth of the model-output MSE, a Gauss-Newton diagonal).
     """
     out = _first_float(output)
     tokens = batch[0] if batch else None
@@ -141,74 +135,6 @@ def default_loss(output: Any, batch: tuple) -> torch.Tensor:
         return F.cross_entropy(out[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
     return (out * probe).sum()
-
-
-def _gradient_rows(model, batches, candidates, sites, block_size, loss_fn, progress) -> list[dict]:
-    """Gradient-mode losses of the linear sites (used until `mxfx.sensitivity` offers mode="gradient").
-
-    One forward + backward pass per batch through the exported graph records each site's input
-    X, weight W, output Y and dL/dY; a candidate's loss is sum((dL/dY * (Yq - Y))^2) with
-    Yq = linear(q_a(X), q_w(W), b), summed over batches.
-    """
-    gm = export(model, batches[0]).module()
-    find_sites(gm)  # annotates the linear sites (no rule: nothing is quantized)
-    nodes = [n for n in gm.graph.nodes if (s := site_of(n)) is not None and s.kind == LINEAR
-             and (sites is None or s.fqn in sites)]
-    rows = {(site_of(n).fqn, c): {"site": site_of(n).fqn, "kind": LINEAR, "weight_format": c[0], "activation_format": c[1],
-                                  "mode": "gradient", "weight_numel": site_of(n).weight_numel, "activation_numel": 0,
-                                  "loss": 0.0, **dict.fromkeys(("sqnr", "mse", "cosine", "kl", "rel_error"))}
-            for n in nodes for c in candidates}
-    names = {n.name for n in nodes}
-    params = [p for p in gm.parameters() if p.is_floating_point()]
-    flags = [p.requires_grad for p in params]
-    start, done, total = time.perf_counter(), 0, len(batches) * len(nodes)
-    loss_fn = loss_fn or default_loss
-    try:
-        for p in params:
-            p.requires_grad_(True)  # so that every site output is in the autograd graph
-        for batch in batches:
-            recorded: dict[str, tuple] = {}
-
-            class Recorder(fx.Interpreter):
-                def run_node(self, node):
-                    out = super().run_node(node)
-                    if node.name in names:
-                        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
-                        recorded[node.name] = (args[0], args[1], args[2] if len(args) > 2 else None, out)
-                    return out
-
-            with torch.enable_grad():
-                output = Recorder(gm).run(*batch)
-                loss = loss_fn(output, batch)
-                grads = torch.autograd.grad(loss, [recorded[n.name][3] for n in nodes], allow_unused=True)
-            with torch.no_grad():
-                for node, grad in zip(nodes, grads):
-                    x, w, b, y = (t.detach() if isinstance(t, torch.Tensor) else t for t in recorded.pop(node.name))
-                    grad = torch.zeros_like(y) if grad is None else grad
-                    fqn = site_of(node).fqn
-                    qw = {f: fake_quantize(w, f, block_size=block_size) for f in {c[0] for c in candidates} if f is not None}
-                    qx = {f: fake_quantize(x, f, block_size=block_size) for f in {c[1] for c in candidates} if f is not None}
-                    for c in candidates:
-                        yq = F.linear(qx.get(c[1], x), qw.get(c[0], w), b)
-                        row = rows[(fqn, c)]
-                        row["loss"] += (grad * (yq - y)).double().pow(2).sum().item()
-                        row["activation_numel"] += x.numel()
-                    done += 1
-                    if progress is not None:
-                        progress(done, total, time.perf_counter() - start, fqn)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return list(rows.values())
-
-
-def _legacy_rows(model, batches, candidates, mode, sites, block_size, progress) -> list[dict]:
-    """local / isolated losses (site-output or model-output MSE) from the sensitivity module of main."""
-    if any(w != a for w, a in candidates):
-        raise MXValueError(f"mode {mode!r} measures (f, f) candidates only here; use mode='gradient' for pairs")
-    report = _sensitivity_module.sensitivity(model, batches, [w for w, _ in candidates], mode=mode, sites=sites,
-                                             block_size=block_size, progress=progress)
-    return _rows_from_report(report)
 
 
 def _rows_from_report(report) -> list[dict]:
@@ -223,21 +149,35 @@ def _rows_from_report(report) -> list[dict]:
     return rows
 
 
+def _is_causal_lm(model, batch: tuple) -> bool:
+    """Integer token ids in and [B, T, vocab] logits out (one forward pass to look)."""
+    tokens = batch[0] if batch else None
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dim() != 2:
+        return False
+    with torch.no_grad():
+        out = _first_float(model(*batch))
+    return out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)
+
+
 def measure(model, batches, candidates, *, mode="gradient", sites=None, block_size=32, loss_fn=None,
             progress=_log_progress) -> list[dict]:
-    """The per-(site, candidate) loss rows a search minimizes (see the module docstring)."""
-    sens = _sensitivity_module.sensitivity
-    parameters = inspect.signature(sens).parameters
-    if "candidates" in parameters and mode in getattr(_sensitivity_module, "MODES", ()):
-        extra = {"loss_fn": loss_fn} if loss_fn is not None and "loss_fn" in parameters else {}
-        report = sens(model, batches, candidates=candidates, mode=mode, sites=sites, block_size=block_size,
-                      progress=progress, **extra)
-        return _rows_from_report(report)
-    if mode == "gradient":
-        return _gradient_rows(model, batches, candidates, sites, block_size, loss_fn, progress)
-    if mode in ("local", "isolated"):
-        return _legacy_rows(model, batches, candidates, mode, sites, block_size, progress)
-    raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    """The per-(site, candidate) loss rows a search minimizes, from `mxfx.sensitivity`.
+
+    In gradient mode without a `loss_fn`, a causal LM gets `default_loss` (next-token
+    cross-entropy: the Fisher of the quantity perplexity measures, as ModelOpt's auto_quantize);
+    other models get sensitivity's default (random projections of the output). Sites the mode
+    cannot measure are logged and left out of the search (they get no rule).
+    """
+    if mode not in MODES:
+        raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
+        loss_fn = default_loss
+    report = _sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
+                                             block_size=block_size, progress=progress,
+                                             **({"loss_fn": loss_fn} if mode == "gradient" else {}))
+    for row in getattr(report, "unmeasured", []):
+        log.warning("search: site %s (%s) not measured, left out: %s", row.get("site"), row.get("kind"), row.get("reason"))
+    return _rows_from_report(report)
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -380,24 +320,6 @@ class Front:
         return path
 
 
-def _output_metrics(references: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict:
-    """Model-output metrics vs the unquantized model, computed as mxfx.evaluate does."""
-    signal = noise = cosine = kl = 0.0
-    count = 0
-    for reference, test in zip(references, outputs):
-        reference = reference.double().flatten(1) if reference.dim() > 1 else reference.double()[None]
-        test = test.double().flatten(1) if test.dim() > 1 else test.double()[None]
-        signal += reference.pow(2).sum().item()
-        noise += (reference - test).pow(2).sum().item()
-        count += reference.numel()
-        cosine += F.cosine_similarity(reference, test, dim=-1).mean().item()
-        kl += F.kl_div(test.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
-    n = len(references)
-    return {"sqnr": round(10 * math.log10(signal / noise), 4) if noise > 0 else math.inf, "mse": noise / max(count, 1),
-            "cosine": cosine / n, "kl": kl / n, "rel_error": math.sqrt(noise / signal) if signal > 0 else math.inf}
-
-
-_HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False, "kl": False, "rel_error": False}
 
 
 def search(
@@ -459,9 +381,9 @@ def search(
         raise MXValueError("plot draws a front: pass budgets=[...]")
     if eval_fn is None:
         metric = metric or "mse"
-        if metric not in _HIGHER_IS_BETTER:
-            raise MXValueError(f"unknown metric {metric!r}; valid: {', '.join(_HIGHER_IS_BETTER)} (or pass eval_fn)")
-        higher_is_better = _HIGHER_IS_BETTER[metric] if higher_is_better is None else higher_is_better
+        if metric not in HIGHER_IS_BETTER:
+            raise MXValueError(f"unknown metric {metric!r}; valid: {', '.join(HIGHER_IS_BETTER)} (or pass eval_fn)")
+        higher_is_better = HIGHER_IS_BETTER[metric] if higher_is_better is None else higher_is_better
     else:
         metric, higher_is_better = metric or "eval", bool(higher_is_better)
     candidates = normalize_candidates(formats, candidates)
@@ -602,7 +524,10 @@ def _evaluator(program, example: tuple, batches: list[tuple], eval_fn, metric: s
 
     def evaluate(config: QuantConfig) -> dict:
         prepared = prepare(program, config, example)
+        accumulator = MetricAccumulator(kl=True)  # the definitions mxfx.evaluate uses
         with torch.no_grad():
-            return _output_metrics(references, [_first_float(prepared(*b)) for b in batches])
+            for reference_output, batch in zip(references, batches):
+                accumulator.add(reference_output, _first_float(prepared(*batch)))
+        return accumulator.result()
 
     return evaluate
