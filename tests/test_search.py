@@ -204,3 +204,37 @@ def test_bad_arguments():
         mxfx.search(model, batches, ["fp7"], budget_bits=6.0, progress=None)
     with pytest.raises(mxfx.MXValueError, match="plot draws a front"):
         mxfx.search(model, batches, budget_bits=6.0, plot="x.png", progress=None)
+
+
+@pytest.mark.slow
+def test_cli_search_one_budget_and_a_front(tmp_path):
+    import os
+    import subprocess
+    import textwrap
+
+    (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
+        import torch
+        from mxfx.model_zoo import FragileMLP
+        def fragile():
+            torch.manual_seed(0)
+            return FragileMLP(), (torch.randn(32, 64),)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mxfx", "search", "fragile_models:fragile", *args], capture_output=True,
+                              text=True, cwd=tmp_path, env=env, timeout=600)
+
+    result = run("--budget-bits", "6.25", "--out", "mixed.toml")
+    assert result.returncode == 0, result.stderr
+    assert "  b: fp8_e4m3" in result.stdout  # the planted fragile layer keeps the widest format
+    assert len(mxfx.load_config(tmp_path / "mixed.toml").rules) == 4
+    result = run("--budgets", "4.5,6.25", "--candidates", "fp4_e2m1:fp8_e4m3,fp6_e2m3,fp8_e4m3", "--plot", "front.png",
+                 "--out", "front.toml")
+    assert result.returncode == 0, result.stderr
+    assert "uniform fp4_e2m1:fp8_e4m3" in result.stdout and "search 6.25" in result.stdout
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    for budget in ("4.5", "6.25"):
+        assert mxfx.load_config(tmp_path / f"front_{budget}bits.toml").rules
+    result = run("--budget-bits", "3", "--out", "x.toml")
+    assert result.returncode == 1 and "minimum of 4.25 bits" in result.stderr
