@@ -107,10 +107,18 @@ def _batches(inputs) -> list[tuple]:
 
 def _first_float(output: Any) -> torch.Tensor:
     """The first floating-point tensor of a model output (logits, last_hidden_state, ...)."""
-    leaves = output.to_tuple() if hasattr(output, "to_tuple") else output
-    for leaf in torch.utils._pytree.tree_leaves(leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
+    stack = [output]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point():
+                return item
+        elif hasattr(item, "to_tuple"):  # a Hugging Face ModelOutput
+            stack[:0] = list(item.to_tuple())
+        elif isinstance(item, dict):
+            stack[:0] = list(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack[:0] = list(item)
     raise MXValueError("the model output holds no floating-point tensor")
 
 
@@ -121,32 +129,23 @@ def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
 # --- losses -------------------------------------------------------------------------------------
 
 
-def default_loss(output: Any, batch: tuple) -> torch.Tensor:
-    """Gradient-mode loss for causal LMs: next-token cross-entropy on the batch's own tokens.
-
-    (integer token ids in, [B, T, vocab] logits out). Anything else: `<output, v>` with a fixed
-    Gaussian probe v (its squared gradient estimates the Jacobian's column norms, so the Taylor
-    score estimates the growth of the model-output MSE, a Gauss-Newton diagonal).
-    """
-    out = _first_float(output)
-    tokens = batch[0] if batch else None
-    if (isinstance(tokens, torch.Tensor) and not tokens.is_floating_point() and out.dim() == 3
-            and tuple(tokens.shape) == tuple(out.shape[:2])):
-        return F.cross_entropy(out[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
-    return (out * probe).sum()
+def causal_lm_loss(output: Any, batch: tuple) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on the batch's own tokens (the gradient-mode loss
+    `search` uses for models that take integer token ids and return [B, T, vocab] logits)."""
+    logits, tokens = _first_float(output), batch[0]
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
+        raise MXValueError(f"causal_lm_loss needs [B, T, vocab] logits for [B, T] tokens, got {tuple(logits.shape)}")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def _rows_from_report(report) -> list[dict]:
-    """Rows with site, kind, weight_format, activation_format, weight_numel, activation_numel, loss."""
-    rows = []
+    """The rows of a SensitivityReport, checked for what a search reads."""
+    needed = {"site", "kind", "weight_format", "activation_format", "weight_numel", "loss"}
     for row in report.rows:
-        if "loss" in row and "weight_format" in row:
-            rows.append(dict(row))
-        else:  # a report of the per-format kind: (f, f) candidates, the MSE as the loss
-            rows.append(dict(row, kind=row.get("kind", LINEAR), weight_format=row["format"], activation_format=row["format"],
-                             activation_numel=row.get("activation_numel"), loss=row["mse"]))
-    return rows
+        if needed - set(row):
+            raise MXValueError(f"a sensitivity row lacks {sorted(needed - set(row))}: measure it with mxfx.sensitivity "
+                               f"(candidates=...) first")
+    return [dict(row) for row in report.rows]
 
 
 def _is_causal_lm(model, batch: tuple) -> bool:
@@ -163,15 +162,16 @@ def measure(model, batches, candidates, *, mode="gradient", sites=None, block_si
             progress=_log_progress) -> list[dict]:
     """The per-(site, candidate) loss rows a search minimizes, from `mxfx.sensitivity`.
 
-    In gradient mode without a `loss_fn`, a causal LM gets `default_loss` (next-token
+    In gradient mode without a `loss_fn`, a causal LM gets `causal_lm_loss` (next-token
     cross-entropy: the Fisher of the quantity perplexity measures, as ModelOpt's auto_quantize);
     other models get sensitivity's default (random projections of the output). Sites the mode
     cannot measure are logged and left out of the search (they get no rule).
     """
     if mode not in MODES:
         raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    batches = _batches(batches)
     if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
-        loss_fn = default_loss
+        loss_fn = causal_lm_loss
     report = _sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
                                              block_size=block_size, progress=progress,
                                              **({"loss_fn": loss_fn} if mode == "gradient" else {}))
@@ -362,7 +362,7 @@ def search(
         toml_path: write the (single-budget) config here.
         plot: write the front's plot here (budgets only).
         progress: progress(done, total, elapsed_s, label) during measurement and evaluation.
-        loss_fn: loss_fn(output, batch) -> scalar for mode="gradient" (default: `default_loss`).
+        loss_fn: loss_fn(output, batch) -> scalar for mode="gradient" (default: see `measure`).
         eval_fn: eval_fn(prepared) -> float, the end-to-end metric (e.g. held-out perplexity);
             default: model-output metrics vs the unquantized model on `eval_inputs`.
         eval_inputs: batches for the default evaluation (default: `inputs`).

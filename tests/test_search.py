@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mxfx
-from mxfx.model_zoo import FragileMLP
+from mxfx.model_zoo import FragileMLP, NanoGPT
 from mxfx.search import bits_per_element, measure, to_toml
 from mxfx.solver import solve
 
@@ -123,6 +123,25 @@ def test_gradient_losses_match_a_hand_computed_taylor_score():
     assert row["kl"] is None  # a site output is not a distribution: not computed, None (never 0)
 
 
+def test_causal_lms_get_the_next_token_cross_entropy():
+    torch.manual_seed(0)
+    model = NanoGPT(vocab=64, d=32, n_layer=1, n_head=2, block_size=16)
+    tokens = torch.randint(0, 64, (2, 16))
+    rows = measure(model, [tokens], [("fp4_e2m1", "fp8_e4m3")], sites=["lm_head"], progress=None)
+    seen = {}
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        model(tokens)
+    hook.remove()
+    x, y = seen["x"], seen["y"]
+    # d(mean next-token cross-entropy)/d(logits), written out: (softmax - one_hot) / N, 0 at the last position
+    grad = torch.zeros_like(y)
+    grad[:, :-1] = (y[:, :-1].softmax(-1) - F.one_hot(tokens[:, 1:], 64)) / (2 * 15)
+    yq = F.linear(mxfx.fake_quantize(x, "fp8_e4m3"), mxfx.fake_quantize(model.lm_head.weight, "fp4_e2m1"))
+    expected = (grad * (yq - y)).double().pow(2).sum().item()
+    assert rows[0]["site"] == "lm_head" and rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_single_budget_with_equal_widths_and_toml_round_trip(tmp_path):
     model, batches = fixture()
     config, result = mxfx.search(model, batches, ["fp8_e4m3", "int8", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"],
@@ -214,7 +233,7 @@ def test_cli_search_one_budget_and_a_front(tmp_path):
 
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
         import torch
-        from mxfx.model_zoo import FragileMLP
+        from mxfx.model_zoo import FragileMLP, NanoGPT
         def fragile():
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)
