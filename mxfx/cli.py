@@ -6,6 +6,7 @@
     mxfx sensitivity MODEL [--formats F1,F2 | --candidates W:A,...] --mode local|isolated|all-but-one|gradient
                      --out report.json [--md] [--plot PNG]   (torchrun --nproc-per-node N -m mxfx ... shards it)
     mxfx search MODEL --formats F1,F2 --budget-bits B --out config.toml
+    mxfx search MODEL --candidates W:A,W:A --budgets B1,B2 [--act-budget-bits A] --plot front.png --out mixed.toml
 
 MODEL is `package.module:factory`; the factory returns a model, or (model, example_inputs).
 Exit codes: 0 success, 2 usage error, 1 failure (one line; --debug shows the traceback).
@@ -127,15 +128,33 @@ def _cmd_sensitivity(args) -> None:
 
 def _cmd_search(args) -> None:
     import mxfx
+    from mxfx.sensitivity import parse_candidates
 
     model, example = _example_inputs(args)
-    _, result = mxfx.search(model, example, args.formats.split(","), budget_bits=args.budget_bits,
-                            toml_path=args.out, progress=_print_progress)
-    print(f"average bits per weight: {result.average_bits:.3f}; predicted MSE {result.predicted['mse']:.4g}, "
-          f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
-    for site, fmt in result.assignment.items():
-        print(f"  {site}: {fmt}")
-    print(f"wrote {args.out}")
+    if (args.budget_bits is None) == (args.budgets is None):
+        raise ValueError("pass --budget-bits B (one config) or --budgets B1,B2,... (a front)")
+    choice = {"candidates": parse_candidates(args.candidates)} if args.candidates else {"formats": args.formats.split(",")}
+    common = dict(choice, act_budget_bits=args.act_budget_bits, mode=args.mode, metric=args.metric,
+                  sites=args.sites.split(",") if args.sites else None, progress=_print_progress)
+    if args.budget_bits is not None:
+        _, result = mxfx.search(model, example, budget_bits=args.budget_bits, toml_path=args.out, **common)
+        act = "" if result.average_activation_bits is None else f", activation bits {result.average_activation_bits:.3f}"
+        print(f"average bits per weight: {result.average_bits:.3f}{act}; predicted loss {result.predicted['loss']:.4g}, "
+              f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
+        for site, (weight, activation) in result.assignment.items():
+            print(f"  {site}: {weight}" if weight == activation else f"  {site}: weight {weight}, activation {activation}")
+        print(f"wrote {args.out}")
+        return
+    front = mxfx.search(model, example, budgets=[float(b) for b in args.budgets.split(",")], plot=args.plot, **common)
+    print(front.table())
+    stem = args.out.removesuffix(".toml")
+    for point in front.searched():
+        path = f"{stem}_{point.result.budget_bits:g}bits.toml"
+        with open(path, "w") as handle:
+            handle.write(point.result.toml)
+        print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {args.plot}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,11 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--md", action="store_true", help="print Markdown")
     sens.add_argument("--plot", help="heat map PNG/SVG (needs matplotlib)")
     sens.set_defaults(run=_cmd_sensitivity)
-    search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget")
+    search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget (or a front)")
     search.add_argument("model")
     search.add_argument("--inputs")
-    search.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1")
-    search.add_argument("--budget-bits", type=float, required=True)
+    search.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1", help="shorthand for (f, f) candidates")
+    search.add_argument("--candidates", help="weight:activation pairs, e.g. fp4_e2m1:fp8_e4m3,fp6_e2m3 ('none': high precision)")
+    search.add_argument("--budget-bits", type=float, help="one budget: write one config to --out")
+    search.add_argument("--budgets", help="several budgets, e.g. 4.5,5.25,6.25: a front; --out X.toml writes X_<B>bits.toml each")
+    search.add_argument("--act-budget-bits", type=float, help="also bound the average activation bits")
+    search.add_argument("--mode", choices=["gradient", "local", "isolated", "all-but-one"], default="gradient")
+    search.add_argument("--metric", choices=["mse", "sqnr", "cosine", "kl", "rel_error"], default="mse")
+    search.add_argument("--sites", help="comma-separated site names to search (others stay in high precision)")
+    search.add_argument("--plot", help="front plot PNG/SVG (with --budgets; needs matplotlib)")
     search.add_argument("--out", required=True, help="TOML config to write")
     search.set_defaults(run=_cmd_search)
     return parser

@@ -41,7 +41,6 @@ everything that defines the run and a changed run is refused. Work is sharded ov
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -69,7 +68,7 @@ from mxfx.errors import MXTypeError, MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
 from mxfx.metrics import HIGHER_IS_BETTER, METRICS, MetricAccumulator
-from mxfx.prepare import pipeline, prepare
+from mxfx.prepare import prepare
 from mxfx.sites import ATTENTION, KINDS, LINEAR, NO_RULE, find_sites, site_of
 
 log = logging.getLogger(__name__)
@@ -868,122 +867,3 @@ def evaluate(model: torch.nn.Module, inputs, config) -> dict:
         for batch in batches:
             acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)))
     return acc.result()
-
-
-# --- kept for `search` below until it moves to mxfx/search.py ----------------------------------
-
-
-def _site_config(quantized: dict[str, str], block_size: int, activations: bool) -> QuantConfig:
-    rules = [Rule(match=re.escape(site), weight=MXSpec(fmt, block_size),
-                  activation=MXSpec(fmt, block_size) if activations else None) for site, fmt in quantized.items()]
-    return QuantConfig(tuple(rules) or (Rule(match=".*", skip=True),))
-
-
-def _base_graph(model, example: tuple, strict: bool) -> fx.GraphModule:
-    gm = export(model, example, strict=strict).module()
-    find_sites(gm)
-    return gm
-
-
-def _prepared_from(base: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    gm = copy.deepcopy(base)
-    for pass_ in pipeline(config):
-        pass_(gm)
-    return gm
-
-
-class _Accumulator(MetricAccumulator):
-    def __init__(self) -> None:
-        super().__init__(kl=True)
-
-    def add(self, reference, test, logits: bool = True) -> None:  # noqa: ARG002
-        super().add(reference, test)
-
-    def metrics(self) -> dict:
-        return self.result()
-
-
-@dataclasses.dataclass
-class SearchResult:
-    """What `search` chose and how it measured up."""
-
-    assignment: dict[str, str]  # site -> format
-    average_bits: float  # per weight element, scales included
-    predicted: dict  # {"mse": sum of isolated MSEs}
-    measured: dict  # model-output metrics of the chosen mix
-    toml: str
-
-
-def bits_per_element(fmt: str, block_size: int) -> float:
-    return get_format(fmt).bits + 8 / block_size
-
-
-def search(
-    model: torch.nn.Module,
-    inputs,
-    formats: Iterable[str] = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1"),
-    *,
-    budget_bits: float,
-    block_size: int = 32,
-    activations: bool = True,
-    report: SensitivityReport | None = None,
-    toml_path: str | Path | None = None,
-    progress: Callable | None = _progress_logger,
-) -> tuple[QuantConfig, SearchResult]:
-    """Pick a format per linear site so the average bits per weight element is <= budget_bits,
-    minimizing the model-output MSE predicted from isolated sensitivities (greedy: cheapest loss
-    per saved bit first), then verify the mix end to end.
-
-    Returns:
-        (QuantConfig with one explicit rule per site, SearchResult); writes the TOML if asked.
-    """
-    formats = sorted({get_format(f).name for f in formats}, key=lambda f: -bits_per_element(f, block_size))
-    batches = _batches(inputs)
-    if report is None or report.mode != "isolated":
-        report = sensitivity(model, batches, formats, mode="isolated", activations=activations,
-                             block_size=block_size, progress=progress)
-    sites = list(dict.fromkeys(r["site"] for r in report.rows))
-    numel = {r["site"]: r["weight_numel"] for r in report.rows}
-    loss = {(r["site"], r["format"]): r["mse"] for r in report.rows}
-    total = sum(numel.values())
-    choice = {s: 0 for s in sites}  # index into formats, widest first
-
-    def average_bits() -> float:
-        return sum(numel[s] * bits_per_element(formats[choice[s]], block_size) for s in sites) / total
-
-    lowest = sum(numel[s] * bits_per_element(formats[-1], block_size) for s in sites) / total
-    if budget_bits < lowest - 1e-9:
-        raise MXValueError(f"budget_bits={budget_bits} is below the narrowest format's {lowest:.3f} bits per weight")
-    while average_bits() > budget_bits + 1e-9:
-        best = None
-        for s in sites:
-            if choice[s] + 1 < len(formats):
-                now, nxt = formats[choice[s]], formats[choice[s] + 1]
-                saved = numel[s] * (bits_per_element(now, block_size) - bits_per_element(nxt, block_size))
-                cost = (loss[(s, nxt)] - loss[(s, now)]) / saved
-                if best is None or cost < best[0]:
-                    best = (cost, s)
-        choice[best[1]] += 1
-    assignment = {s: formats[choice[s]] for s in sites}
-    config = _site_config(assignment, block_size, activations)
-    base = _base_graph(model, batches[0], strict=False)
-    prepared = _prepared_from(base, config)
-    acc = _Accumulator()
-    with torch.no_grad():
-        for batch in batches:
-            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)), logits=True)
-    toml = _to_toml(assignment, block_size, activations)
-    if toml_path is not None:
-        Path(toml_path).write_text(toml)
-    predicted = {"mse": sum(loss[(s, f)] for s, f in assignment.items())}
-    return config, SearchResult(assignment, average_bits(), predicted, acc.metrics(), toml)
-
-
-def _to_toml(assignment: dict[str, str], block_size: int, activations: bool) -> str:
-    lines = ["# Written by mxfx.search: one explicit rule per linear site.", ""]
-    for site, fmt in assignment.items():
-        lines += ["[[rule]]", f"match = '{re.escape(site)}'", f'weight = {{ format = "{fmt}", block_size = {block_size} }}']
-        if activations:
-            lines.append(f'activation = {{ format = "{fmt}", block_size = {block_size} }}')
-        lines.append("")
-    return "\n".join(lines)
