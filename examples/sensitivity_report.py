@@ -1,4 +1,4 @@
-"""Per-layer sensitivity of SmolLM2-135M under MX formats, then a mixed-precision search.
+"""Per-layer sensitivity of SmolLM2-135M under MX formats, then a gradient-mode mixed-precision search.
 
 Weights come from a Q4_1 GGUF file (weight-side results are optimistic).
 
@@ -37,12 +37,10 @@ def main() -> None:
     print(f"local sensitivity, {len(report.rows)} measurements in {time.perf_counter() - start:.0f} s; the 15 most sensitive:")
     print("\n".join(report.table().splitlines()[:17]))
     start = time.perf_counter()
-    local_as_isolated = mxfx.SensitivityReport([dict(r, mode="isolated") for r in report.rows], "isolated")
-    _, result = mxfx.search(model, (batch,), formats, budget_bits=args.budget_bits, report=local_as_isolated,
+    _, result = mxfx.search(model, (batch,), formats, budget_bits=args.budget_bits, sites=sites, mode="gradient",
                             toml_path=args.out, progress=None)
-    counts = {f: sum(1 for v in result.assignment.values() if v == f) for f in formats}
-    print(f"\nsearch for <= {args.budget_bits} bits/weight ({time.perf_counter() - start:.0f} s): "
-          f"{result.average_bits:.3f} bits, formats {counts}; model-output SQNR {result.measured['sqnr']:.2f} dB, "
+    print(f"\ngradient-mode search for <= {args.budget_bits} bits/weight ({time.perf_counter() - start:.0f} s): "
+          f"{result.average_bits:.3f} bits, {result.counts()}; model-output SQNR {result.measured['sqnr']:.2f} dB, "
           f"KL {result.measured['kl']:.4f}; wrote {args.out}")
 
 

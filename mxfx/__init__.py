@@ -18,7 +18,8 @@ from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
 from mxfx.prepare import PrepareReport, check_nonfinite, prepare
-from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
+from mxfx.search import Front, SearchResult, search
+from mxfx.sensitivity import SensitivityReport, evaluate, sensitivity
 from mxfx.sites import Site, find_sites
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Site",
     "check_nonfinite",
     "InputGuardError",
+    "Front",
     "SearchResult",
     "SensitivityReport",
     "evaluate",

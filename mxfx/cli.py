@@ -3,8 +3,10 @@
     mxfx formats
     mxfx quantize MODEL --config CONFIG [--inputs SPEC] --out FILE.pt2
     mxfx inspect FILE.pt2 [--graph] [--svg OUT] [--format table|markdown|csv|json]
-    mxfx sensitivity MODEL --formats F1,F2 --mode local|isolated|all-but-one --out report.json [--md] [--plot PNG]
+    mxfx sensitivity MODEL [--formats F1,F2 | --candidates W:A,...] --mode local|isolated|all-but-one|gradient
+                     --out report.json [--md] [--plot PNG]   (torchrun --nproc-per-node N -m mxfx ... shards it)
     mxfx search MODEL --formats F1,F2 --budget-bits B --out config.toml
+    mxfx search MODEL --candidates W:A,W:A --budgets B1,B2 [--act-budget-bits A] --plot front.png --out mixed.toml
 
 MODEL is `package.module:factory`; the factory returns a model, or (model, example_inputs).
 Exit codes: 0 success, 2 usage error, 1 failure (one line; --debug shows the traceback).
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,10 +107,20 @@ def _print_progress(done: int, total: int, elapsed: float, label: str) -> None:
 
 def _cmd_sensitivity(args) -> None:
     import mxfx
+    from mxfx.sensitivity import parse_candidates
 
     model, example = _example_inputs(args)
-    report = mxfx.sensitivity(model, example, args.formats.split(","), mode=args.mode, metric=args.metric,
-                              progress=_print_progress, resume=args.out)
+    if args.candidates and args.formats:
+        raise ValueError("pass --formats or --candidates, not both")
+    candidates = parse_candidates(args.candidates) if args.candidates else None
+    formats = None if candidates else (args.formats or "fp8_e4m3,fp6_e2m3,fp4_e2m1,int8").split(",")
+    if args.fresh:
+        Path(args.out).unlink(missing_ok=True)
+    report = mxfx.sensitivity(model, example, formats, candidates=candidates, mode=args.mode, metric=args.metric,
+                              kinds=args.kinds.split(","), block_size=args.block_size, progress=_print_progress,
+                              resume=args.out)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank has the report; rank 0 prints it
+        return
     print(report.to_markdown() if args.md else report.table())
     if args.plot:
         print(f"wrote {report.plot(args.plot)}")
@@ -114,15 +128,33 @@ def _cmd_sensitivity(args) -> None:
 
 def _cmd_search(args) -> None:
     import mxfx
+    from mxfx.sensitivity import parse_candidates
 
     model, example = _example_inputs(args)
-    _, result = mxfx.search(model, example, args.formats.split(","), budget_bits=args.budget_bits,
-                            toml_path=args.out, progress=_print_progress)
-    print(f"average bits per weight: {result.average_bits:.3f}; predicted MSE {result.predicted['mse']:.4g}, "
-          f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
-    for site, fmt in result.assignment.items():
-        print(f"  {site}: {fmt}")
-    print(f"wrote {args.out}")
+    if (args.budget_bits is None) == (args.budgets is None):
+        raise ValueError("pass --budget-bits B (one config) or --budgets B1,B2,... (a front)")
+    choice = {"candidates": parse_candidates(args.candidates)} if args.candidates else {"formats": args.formats.split(",")}
+    common = dict(choice, act_budget_bits=args.act_budget_bits, mode=args.mode, metric=args.metric,
+                  sites=args.sites.split(",") if args.sites else None, progress=_print_progress)
+    if args.budget_bits is not None:
+        _, result = mxfx.search(model, example, budget_bits=args.budget_bits, toml_path=args.out, **common)
+        act = "" if result.average_activation_bits is None else f", activation bits {result.average_activation_bits:.3f}"
+        print(f"average bits per weight: {result.average_bits:.3f}{act}; predicted loss {result.predicted['loss']:.4g}, "
+              f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
+        for site, (weight, activation) in result.assignment.items():
+            print(f"  {site}: {weight}" if weight == activation else f"  {site}: weight {weight}, activation {activation}")
+        print(f"wrote {args.out}")
+        return
+    front = mxfx.search(model, example, budgets=[float(b) for b in args.budgets.split(",")], plot=args.plot, **common)
+    print(front.table())
+    stem = args.out.removesuffix(".toml")
+    for point in front.searched():
+        path = f"{stem}_{point.result.budget_bits:g}bits.toml"
+        with open(path, "w") as handle:
+            handle.write(point.result.toml)
+        print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {args.plot}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,21 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--svg", help="draw the graph to this SVG/PNG file (needs Graphviz)")
     inspect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     inspect.set_defaults(run=_cmd_inspect)
-    sens = commands.add_parser("sensitivity", help="per-layer sensitivity report")
+    sens = commands.add_parser("sensitivity", help="per-site sensitivity report (linear and attention sites)")
     sens.add_argument("model")
     sens.add_argument("--inputs")
-    sens.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1,int8")
-    sens.add_argument("--mode", choices=["local", "isolated", "all-but-one"], default="local")
-    sens.add_argument("--metric", choices=["sqnr", "mse", "cosine", "kl", "rel_error"], default="sqnr")
-    sens.add_argument("--out", required=True, help="report JSON (also the resume file of an interrupted run)")
+    sens.add_argument("--formats", help="formats f, each the candidate (f, f) (default fp8_e4m3,fp6_e2m3,fp4_e2m1,int8)")
+    sens.add_argument("--candidates", help="weight:activation pairs, e.g. fp4_e2m1:fp8_e4m3,fp8_e4m3,fp4_e2m1:none")
+    sens.add_argument("--mode", choices=["local", "isolated", "all-but-one", "gradient"], default="local")
+    sens.add_argument("--metric", choices=["loss", "sqnr", "mse", "cosine", "kl", "rel_error"], default="loss")
+    sens.add_argument("--kinds", default="linear,attention", help="site kinds to measure (default linear,attention)")
+    sens.add_argument("--block-size", type=int, default=32)
+    sens.add_argument("--out", required=True, help="report JSON; an existing file from the same run is resumed, "
+                      "one from another run is refused")
+    sens.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming it")
     sens.add_argument("--md", action="store_true", help="print Markdown")
     sens.add_argument("--plot", help="heat map PNG/SVG (needs matplotlib)")
     sens.set_defaults(run=_cmd_sensitivity)
-    search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget")
+    search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget (or a front)")
     search.add_argument("model")
     search.add_argument("--inputs")
-    search.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1")
-    search.add_argument("--budget-bits", type=float, required=True)
+    search.add_argument("--formats", default="fp8_e4m3,fp6_e2m3,fp4_e2m1", help="shorthand for (f, f) candidates")
+    search.add_argument("--candidates", help="weight:activation pairs, e.g. fp4_e2m1:fp8_e4m3,fp6_e2m3 ('none': high precision)")
+    search.add_argument("--budget-bits", type=float, help="one budget: write one config to --out")
+    search.add_argument("--budgets", help="several budgets, e.g. 4.5,5.25,6.25: a front; --out X.toml writes X_<B>bits.toml each")
+    search.add_argument("--act-budget-bits", type=float, help="also bound the average activation bits")
+    search.add_argument("--mode", choices=["gradient", "local", "isolated", "all-but-one"], default="gradient")
+    search.add_argument("--metric", choices=["mse", "sqnr", "cosine", "kl", "rel_error"], default="mse")
+    search.add_argument("--sites", help="comma-separated site names to search (others stay in high precision)")
+    search.add_argument("--plot", help="front plot PNG/SVG (with --budgets; needs matplotlib)")
     search.add_argument("--out", required=True, help="TOML config to write")
     search.set_defaults(run=_cmd_search)
     return parser

@@ -1,30 +1,57 @@
-"""Per-layer sensitivity reports and a mixed-precision search over MX formats.
+"""Per-site sensitivity: which linear and attention sites can take which MX formats.
 
-    report = mxfx.sensitivity(model, batch, formats=["fp8_e4m3", "fp4_e2m1"], mode="local")
-    print(report.table())                        # most sensitive site first
-    config, result = mxfx.search(model, batch, formats=[...], budget_bits=6.0, toml_path="mixed.toml")
+    report = mxfx.sensitivity(model, batches, candidates=[("fp4_e2m1", "fp8_e4m3"), ("fp8_e4m3", "fp8_e4m3")],
+                              mode="gradient")
+    print(report.table())                        # most sensitive (site, candidate) first
 
-Modes:
-- `local`: one high-precision pass records every linear site's input; each site is then quantized
-  alone and its own output compared (fast: no model re-runs).
-- `isolated`: quantize one site at a time and compare the model's outputs.
-- `all-but-one`: quantize every site but one and compare the model's outputs; the site whose
-  exclusion helps most is listed first.
-A site's format applies to its weight and (unless `activations=False`) its input activations.
+A *candidate* is a (weight format, activation format) pair; None keeps that operand in high
+precision; `formats=["fp8_e4m3", ...]` is shorthand for `[(f, f), ...]`. A linear site quantizes
+its weight and its input with the pair. An attention site has no weight: the candidate's
+*activation* format quantizes Q, K, V and P together (the weight format is unused there), and a
+candidate without an activation format leaves it exactly unchanged (its row says so: zero error,
+nothing measured).
+
+Modes (each row's `loss` is the mode's additive estimate of the damage to the model output, the
+quantity a mixed-precision search minimizes):
+- `local`: one high-precision pass records every site's inputs; each (site, candidate) output is
+  recomputed with quantized operands and compared with the high-precision one. No model re-runs.
+  Metrics describe the site's own output (`kl` is None: a site output is not a distribution);
+  `loss` = that site-output MSE (not weighted by how much the model output cares).
+- `isolated`: one model run per (site, candidate) with only that site quantized; metrics compare
+  the model's primary output; `loss` = model-output MSE.
+- `all-but-one`: every measured site quantized with the candidate except one; metrics compare the
+  model's primary output of that mix; `loss` = the site's marginal damage, MSE(all quantized) -
+  MSE(all but this site) (can be slightly negative); sorting puts the exclusion that helps most first.
+- `gradient`: one forward + backward per batch (per projection, see below) records every site's
+  inputs and the gradient G = dL/dY of a scalar L with respect to the site's output Y; each
+  (site, candidate) is scored from its own output error, no model re-runs (a second-order Taylor
+  expansion with the Fisher information for the Hessian, as NVIDIA ModelOpt's auto_quantize):
+  `loss` = sum over batches of sum(G^2 * (Yq - Y)^2). L is `loss_fn(output, batch)` when given;
+  by default, 4 fixed-seed random projections s_r = <p_r, output> of the primary output, p_r with
+  N(0, 1/numel) entries, each differentiated on its own and the scores averaged: for G = J^T p,
+  E[G_i^2] = (J^T J)_ii / numel, so the score is the diagonal approximation of the first-order
+  model-output MSE |J (Yq - Y)|^2 / numel that the quantization error of the site causes: it needs
+  no labels and works for any model. Other metric columns describe the site's own output, as in
+  `local`; `kl` is None.
+
+Metric definitions: `mxfx.metrics`. Runs can be resumed (`resume=path`): the file records
+everything that defines the run and a changed run is refused. Work is sharded over
+`torch.distributed` ranks when run under torchrun (`mxfx.distributed`).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,58 +59,90 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import fx
+from torch.utils import _pytree as pytree
 
+from mxfx import distributed
 from mxfx.api import fake_quantize
-from mxfx.config import MXSpec, QuantConfig, Rule
-from mxfx.errors import MXValueError
+from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config
+from mxfx.errors import MXTypeError, MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
-from mxfx.prepare import pipeline
-from mxfx.sites import LINEAR, find_sites, site_of
+from mxfx.metrics import HIGHER_IS_BETTER, METRICS, MetricAccumulator
+from mxfx.prepare import prepare
+from mxfx.sites import ATTENTION, KINDS, LINEAR, NO_RULE, find_sites, site_of
 
 log = logging.getLogger(__name__)
-MODES = ("local", "isolated", "all-but-one")
-METRICS = ("sqnr", "mse", "cosine", "kl", "rel_error")
-_HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False, "kl": False, "rel_error": False}
+MODES = ("local", "isolated", "all-but-one", "gradient")
+SORT_KEYS = ("loss", *METRICS)
+DEFAULT_FORMATS = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1", "int8")
+PROJECTIONS, PROJECTION_SEED = 4, 0  # gradient mode's default scalar (module docstring)
+COLUMNS = ("site", "kind", "weight_format", "activation_format", "format", "mode", "weight_numel",
+           "activation_numel", "loss", "sqnr", "mse", "cosine", "kl", "rel_error")
+_FILE_VERSION = 2
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+Candidate = tuple[str | None, str | None]
 
 
-class _Accumulator:
-    """Sums over calibration batches; SQNR and relative error from total energies."""
+# --- candidates --------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.signal = self.noise = self.cosine = self.kl = 0.0
-        self.count = self.batches = 0
 
-    def add(self, reference: torch.Tensor, test: torch.Tensor, logits: bool) -> None:
-        reference, test = reference.detach().double().flatten(1) if reference.dim() > 1 else reference.detach().double()[None], \
-            test.detach().double().flatten(1) if test.dim() > 1 else test.detach().double()[None]
-        self.signal += reference.pow(2).sum().item()
-        self.noise += (reference - test).pow(2).sum().item()
-        self.count += reference.numel()
-        self.cosine += F.cosine_similarity(reference, test, dim=-1).mean().item()
-        if logits:
-            self.kl += F.kl_div(test.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
-        self.batches += 1
+def _format_or_none(name: str | None) -> str | None:
+    return None if name is None else get_format(name).name
 
-    def metrics(self) -> dict:
-        return {
-            "sqnr": round(10 * math.log10(self.signal / self.noise), 4) if self.noise > 0 else math.inf,
-            "mse": self.noise / max(self.count, 1),
-            "cosine": self.cosine / max(self.batches, 1),
-            "kl": self.kl / max(self.batches, 1),
-            "rel_error": math.sqrt(self.noise / self.signal) if self.signal > 0 else math.inf,
-        }
+
+def _candidates(formats: Iterable[str] | None, candidates: Iterable[Sequence] | None, activations: bool) -> list[Candidate]:
+    if formats is not None and candidates is not None:
+        raise MXValueError("pass formats= or candidates=, not both")
+    if candidates is None:
+        formats = list(DEFAULT_FORMATS if formats is None else ([formats] if isinstance(formats, str) else formats))
+        candidates = [(f, f if activations else None) for f in formats]
+    out: list[Candidate] = []
+    for candidate in candidates:
+        if isinstance(candidate, str) or len(candidate) != 2:
+            raise MXValueError(f"a candidate is a (weight format, activation format) pair, got {candidate!r}")
+        pair = (_format_or_none(candidate[0]), _format_or_none(candidate[1]))
+        if pair == (None, None):
+            raise MXValueError("the candidate (None, None) quantizes nothing")
+        if pair in out:
+            raise MXValueError(f"candidate {candidate_label(pair)} is listed twice")
+        out.append(pair)
+    if not out:
+        raise MXValueError("no candidates to measure")
+    return out
+
+
+def candidate_label(candidate: Candidate) -> str:
+    """"fp8_e4m3" for (fp8_e4m3, fp8_e4m3); "fp4_e2m1:fp8_e4m3" otherwise ("none" = high precision),
+    the syntax of the CLI's --candidates."""
+    weight, activation = candidate
+    return weight if weight == activation else f"{weight or 'none'}:{activation or 'none'}"
+
+
+def parse_candidates(text: str) -> list[Candidate]:
+    """'fp4_e2m1:fp8_e4m3,fp8_e4m3' -> [("fp4_e2m1", "fp8_e4m3"), ("fp8_e4m3", "fp8_e4m3")]."""
+    out = []
+    for item in text.split(","):
+        weight, sep, activation = item.strip().partition(":")
+        pair = (weight, activation if sep else weight)
+        out.append(tuple(None if p.lower() in ("none", "") else p for p in pair))
+    return out
+
+
+# --- inputs and outputs ------------------------------------------------------------------------
 
 
 def _primary_output(output: Any) -> torch.Tensor:
     """The first floating-point tensor in a model output (logits, last_hidden_state, ...)."""
-    for leaf in torch.utils._pytree.tree_leaves(output if not hasattr(output, "to_tuple") else output.to_tuple()):
+    for leaf in pytree.tree_leaves(output if not hasattr(output, "to_tuple") else output.to_tuple()):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf
     raise MXValueError("the model output holds no floating-point tensor to compare")
 
 
 def _batches(inputs) -> list[tuple]:
+    if isinstance(inputs, dict):
+        raise MXTypeError("sensitivity takes positional inputs: a tensor, a tuple of them, or a list of such batches")
     if isinstance(inputs, torch.Tensor):
         return [(inputs,)]
     if isinstance(inputs, tuple):
@@ -94,72 +153,441 @@ def _batches(inputs) -> list[tuple]:
     return batches
 
 
+def _structured(gm: fx.GraphModule, flat: Any) -> Any:
+    """An Interpreter's flat output in the model's output structure."""
+    spec = getattr(gm, "_out_spec", None)
+    if spec is None or spec.is_leaf() or pytree.tree_structure(flat) == spec:
+        return flat  # already structured (e.g. a Hugging Face ModelOutput)
+    return pytree.tree_unflatten(list(flat), spec)
+
+
+# --- sites -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: a dict key for configs
+class _Target:
+    """One measured site: a name and kind, and the graph nodes (one per call) annotated with it."""
+
+    fqn: str
+    kind: str
+    form: str
+    nodes: list[str]
+    weight_numel: int
+    operand_nodes: list[str] = dataclasses.field(default_factory=list)  # explicit attention: QK^T, PV of each call
+
+
+def _targets(gm: fx.GraphModule, kinds: Sequence[str], sites: Iterable[str] | None) -> tuple[list[_Target], list[dict]]:
+    """The sites to measure, in graph order, and the ones seen but not measurable (with why)."""
+    found: dict[tuple[str, str], _Target] = {}
+    unmeasured: list[dict] = []
+    for node in gm.graph.nodes:
+        site = site_of(node)
+        if site is None or site.kind not in kinds:
+            continue
+        if site.status != NO_RULE:  # unsupported / check failed: prepare would not quantize it
+            unmeasured.append({"site": site.fqn, "kind": site.kind, "reason": f"{site.status}: {site.reason}"})
+            continue
+        target = found.setdefault((site.kind, site.fqn), _Target(site.fqn, site.kind, site.form, [], site.weight_numel))
+        target.nodes.append(node.name)
+        target.operand_nodes.extend(site.nodes)
+    targets = list(found.values())
+    if sites is not None:
+        wanted = list(dict.fromkeys(sites))
+        missing = [name for name in wanted if name not in {t.fqn for t in targets}]
+        if missing:
+            known = sorted({t.fqn for t in targets})
+            raise MXValueError(f"no measurable site named {missing} among the {', '.join(kinds)} sites: {known}")
+        targets = [t for t in targets if t.fqn in wanted]
+        unmeasured = [u for u in unmeasured if u["site"] in wanted]
+    if not targets:
+        raise MXValueError(f"no {' or '.join(kinds)} sites to measure")
+    return targets, unmeasured
+
+
+def _sdpa_args(node: fx.Node, args: tuple, kwargs: dict) -> dict:
+    names = [a.name for a in _SDPA._schema.arguments]
+    bound = {a.name: a.default_value for a in _SDPA._schema.arguments if a.has_default_value()}
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the high-precision graph and records, per site, the activation element count and
+    (keep=True) the operands its quantized output is recomputed from; grad=True keeps each site
+    output attached to the autograd graph (parameters are read detached: no weight gradients)."""
+
+    def __init__(self, gm: fx.GraphModule, targets: list[_Target], keep: bool, grad: bool) -> None:
+        super().__init__(gm)
+        self.by_node = {name: t for t in targets for name in t.nodes}
+        self.operands = {name: t for t in targets for name in t.operand_nodes}
+        self.keep, self.grad = keep, grad
+        self.records: dict[str, list] = {t.fqn: [] for t in targets}
+        self.numel: dict[str, int] = {t.fqn: 0 for t in targets}
+        self.outputs: list[torch.Tensor] = []  # grad=True: the site outputs, in record order
+        # explicit attention (keep=True): node -> its chain QK^T .. PV, and the values from outside
+        # the chain that the chain reads (recorded while they are alive: the Interpreter frees values)
+        self.chain_of: dict[fx.Node, list[fx.Node]] = {}
+        self.pv_target: dict[fx.Node, _Target] = {}
+        self.outside: dict[int, dict[fx.Node, Any]] = {}
+        if keep:
+            by_name = {n.name: n for n in gm.graph.nodes}
+            for t in targets:
+                for qk, pv in zip(t.operand_nodes[::2], t.operand_nodes[1::2]):
+                    chain = attention_chain(by_name[qk], by_name[pv])
+                    for n in chain:
+                        self.chain_of[n] = chain
+                    self.pv_target[by_name[pv]] = t
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    def run_node(self, node: fx.Node):
+        chain = self.chain_of.get(node)
+        if chain is not None:
+            values = self.outside.setdefault(id(chain), {})
+            values.update({n: _detached(self.env[n]) for n in node.all_input_nodes if n not in self.chain_of})
+        out = super().run_node(node)
+        if node in self.pv_target:
+            target = self.pv_target[node]
+            out = self._keep_output(out)
+            self.records[target.fqn].append((("explicit", chain, self.outside.pop(id(chain))), out))
+        if node.name in self.operands:  # an explicit attention's QK^T or PV matmul
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            tensors = args[1] if node.target is torch.ops.aten.einsum.default else args[:2]
+            self.numel[self.operands[node.name].fqn] += sum(t.numel() for t in tensors)
+        target = self.by_node.get(node.name)
+        if target is None:
+            return out
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        if target.kind == LINEAR:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            self.numel[target.fqn] += x.numel()
+            record = (LINEAR, x.detach(), w.detach(), None if bias is None else bias.detach())
+        elif target.form == "sdpa":
+            a = _sdpa_args(node, args, kwargs)
+            q, k, v = a["query"], a["key"], a["value"]
+            repeat = q.shape[-3] // k.shape[-3] if a["enable_gqa"] and k.dim() >= 3 else 1
+            self.numel[target.fqn] += q.numel() + (k.numel() + v.numel()) * repeat + out.numel() // v.shape[-1] * k.shape[-2]
+            mask = a["attn_mask"]
+            record = ("sdpa", q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
+                      bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]), float(a["dropout_p"]))
+        else:
+            record = None  # explicit attention: counted through its matmuls, recorded at its PV matmul
+        if self.keep and record is not None:
+            out = self._keep_output(out)
+            self.records[target.fqn].append((record, out))
+        return out
+
+    def _keep_output(self, out):
+        if self.grad and isinstance(out, torch.Tensor):
+            if not out.requires_grad:  # no earlier site feeds it: a leaf is exact here
+                out = out.detach().requires_grad_()
+            self.outputs.append(out)
+        return out
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def attention_chain(qk: fx.Node, pv: fx.Node) -> list[fx.Node]:
+    """The nodes on the paths from an explicit attention's QK^T matmul to its PV matmul (both
+    included), in graph order: what the local and gradient modes re-evaluate with quantized operands."""
+    below, frontier = {qk}, [qk]
+    while frontier:
+        frontier = [u for n in frontier for u in n.users if u not in below and not below.add(u)]
+    above, frontier = {pv}, [pv]
+    while frontier:
+        frontier = [i for n in frontier for i in n.all_input_nodes if i not in above and not above.add(i)]
+    return [n for n in qk.graph.nodes if n in below and n in above]
+
+
+def _explicit_support(target: _Target, gm: fx.GraphModule) -> str | None:
+    """Why an explicit attention cannot be recomputed from its recorded chain, or None."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for qk, pv in zip(target.operand_nodes[::2], target.operand_nodes[1::2]):
+        if by_name[qk].target not in _MATMULS or by_name[pv].target not in _MATMULS:
+            return "an einsum attention matmul (recomputed by model runs only: mode='isolated' or 'all-but-one')"
+        if any(n.op != "call_function" for n in attention_chain(by_name[qk], by_name[pv])):
+            return "a module call inside the attention chain"
+    return None
+
+
+def _explicit_outputs(record: tuple, activation_format: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-evaluate an explicit attention chain without and with MX operands: Q and K blocked along
+    the QK^T reduction axis (Q's last, K^T's second-to-last), P along its last axis and V along its
+    second-to-last (the PV reduction axis), as `QuantizeAttentionPass` does (OCP MX v1.0 §6.2)."""
+    _, chain, outside = record
+    qk, pv = chain[0], chain[-1]
+    results = []
+    for fmt in (None, activation_format):
+        env: dict[fx.Node, Any] = {}
+        for node in chain:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n] if n in env else outside[n])
+            if fmt is not None and node in (qk, pv):
+                args = (fake_quantize(args[0], fmt, block_size=block_size, axis=-1),
+                        fake_quantize(args[1], fmt, block_size=block_size, axis=-2), *args[2:])
+            env[node] = node.target(*args, **kwargs)
+        results.append(env[pv])
+    return results[0], results[1]
+
+
+def _site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high-precision output, output with the candidate's quantization) of one recorded site call."""
+    weight_format, activation_format = candidate
+    if record[0] == "explicit":
+        return _explicit_outputs(record, activation_format, block_size)
+    if record[0] == LINEAR:
+        _, x, w, b = record
+        xq = x if activation_format is None else fake_quantize(x, activation_format, block_size=block_size)
+        wq = w if weight_format is None else fake_quantize(w, weight_format, block_size=block_size)
+        return F.linear(x, w, b), F.linear(xq, wq, b)
+    _, q, k, v, mask, is_causal, scale, gqa, dropout_p = record
+    if dropout_p != 0.0:  # mxfx.attention has no dropout, and prepare leaves such a site alone
+        raise MXValueError(f"an SDPA site has dropout_p={dropout_p}; measure a model whose attention dropout is off")
+    spec = MXSpec(activation_format, block_size).to_arg()
+    reference = torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, "", "", "", "")
+    return reference, torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, spec, spec, spec, spec)
+
+
+def _config_for(chosen: dict[_Target, Candidate], block_size: int) -> QuantConfig:
+    """One rule per site (re.escape'd name); a linear and an attention site of one name share it."""
+    fields: dict[str, dict] = {}
+    for target, (weight, activation) in chosen.items():
+        entry = fields.setdefault(target.fqn, {})
+        if target.kind == LINEAR:
+            entry["weight"] = None if weight is None else MXSpec(weight, block_size)
+            entry["activation"] = None if activation is None else MXSpec(activation, block_size)
+        elif activation is not None:
+            spec = MXSpec(activation, block_size)
+            entry["attention"] = AttentionSpec(query=spec, key=spec, value=spec, probs=spec)
+    rules = [Rule(match=re.escape(fqn), **entry) for fqn, entry in fields.items() if entry]
+    return QuantConfig(tuple(rules) or (Rule(match=".*", skip=True),), source="<mxfx.sensitivity>")
+
+
+# --- fingerprints for resume -------------------------------------------------------------------
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _batch_fingerprint(batches: list[tuple]) -> dict:
+    shapes, parts = [], []
+    for batch in batches:
+        leaves = pytree.tree_leaves(batch)
+        shapes.append([f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
+                       else type(x).__name__ for x in leaves])
+        parts += [_tensor_bytes(x) if isinstance(x, torch.Tensor) else repr(x).encode() for x in leaves]
+    return {"shapes": shapes, "hash": _digest(*parts)}
+
+
+def _parameter_fingerprint(model: torch.nn.Module) -> dict:
+    """name -> digest of (shape, dtype, sum, sum of |x|, a strided sample of <= 64 elements): cheap
+    on large models, and any edit that matters for a report changes it."""
+    out = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        stats = (flat.double().sum().item(), flat.double().abs().sum().item()) if flat.is_floating_point() else (flat.sum().item(),)
+        out[name] = _digest(tuple(t.shape), str(t.dtype), stats, _tensor_bytes(sample))
+    return out
+
+
+def _callable_identity(fn: Callable | None) -> str:
+    if fn is None:
+        return f"default: {PROJECTIONS} random projections of the primary output, seed {PROJECTION_SEED}"
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    code = getattr(fn, "__code__", None)
+    return name if code is None else f"{name} (code {_digest(code.co_code, code.co_consts)})"
+
+
+def _run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds, loss_fn) -> dict:
+    compared = {"local": "site output", "gradient": "site output, gradient-weighted"}.get(mode, "model primary output")
+    return {
+        "mode": mode,
+        "candidates": [list(c) for c in candidates],
+        "block_size": block_size,
+        "scale_mode/rounding": "floor/even",
+        "sites": [f"{t.kind}:{t.fqn}" for t in targets],
+        "kinds": list(kinds),
+        "metric_inputs": compared,
+        "loss_fn": _callable_identity(loss_fn) if mode == "gradient" else None,
+        "batches": _batch_fingerprint(batches),
+        "parameters": _parameter_fingerprint(model),
+    }
+
+
+def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
+    if saved is None:
+        raise MXValueError(f"{path} records no run fingerprint (written by an older mxfx?); delete it or pick another path")
+    differing = [key for key in current if saved.get(key) != current[key]]
+    if not differing:
+        return
+    details = []
+    for key in differing:
+        if key == "parameters":
+            old, new = saved.get(key) or {}, current[key]
+            names = [n for n in dict.fromkeys([*new, *old]) if old.get(n) != new.get(n)]
+            details.append(f"parameters ({len(names)} differ, first {names[0]!r})")
+        elif key == "batches":
+            details.append("batches (" + ("shapes/dtypes" if saved[key].get("shapes") != current[key]["shapes"] else "contents") + ")")
+        else:
+            details.append(f"{key} ({saved.get(key)!r} != {current[key]!r})")
+    raise MXValueError(f"cannot resume from {path}: it was written by another run; differing: {'; '.join(details)}. "
+                       "Delete the file or pass another resume path.")
+
+
+def _read_resume(path: Path, fingerprint: dict) -> dict[tuple, dict]:
+    rows: dict[tuple, dict] = {}
+    files = [path] if path.is_file() else []
+    files += sorted(path.parent.glob(f"{path.name}.rank*"))  # partial files of an interrupted sharded run
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as error:
+            raise MXValueError(f"cannot resume from {file}: not a sensitivity report ({error})") from None
+        _check_same_run(data.get("run"), fingerprint, file)
+        for row in data["rows"]:
+            rows[_row_key(row)] = row
+    return rows
+
+
+def _row_key(row: dict) -> tuple:
+    return row["kind"], row["site"], row["weight_format"], row["activation_format"]
+
+
+def _write_json(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: an interrupt never leaves half a file
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class SensitivityReport:
-    """Rows of {site, format, mode, sqnr, mse, cosine, kl, rel_error, weight_numel}."""
+    """One row per (site, candidate): see `COLUMNS`; metrics a mode cannot compute are None."""
 
     rows: list[dict]
     mode: str
-    metric: str = "sqnr"
+    metric: str = "loss"  # the sort key: loss or one of mxfx.metrics.METRICS
+    candidates: list[Candidate] = dataclasses.field(default_factory=list)
+    unmeasured: list[dict] = dataclasses.field(default_factory=list)  # {site, kind, reason}
+    run: dict = dataclasses.field(default_factory=dict)  # what defines the run (resume checks it)
 
-    def sorted_rows(self) -> list[dict]:
-        """Most sensitive first; in all-but-one mode, the site whose exclusion helps most first."""
-        higher_better = _HIGHER_IS_BETTER[self.metric]
-        reverse = higher_better if self.mode == "all-but-one" else not higher_better
-        return sorted(self.rows, key=lambda r: r[self.metric], reverse=reverse)
+    def _severity(self, row: dict, metric: str) -> float | None:
+        """Higher = more sensitive, for any metric and mode; None when not computed."""
+        value = row.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if metric == "loss":
+            return value
+        worse_when_higher = not HIGHER_IS_BETTER[metric]
+        if self.mode == "all-but-one":  # metrics of the model *without* this site: better = it mattered
+            worse_when_higher = not worse_when_higher
+        return value if worse_when_higher else -value
+
+    def sorted_rows(self, metric: str | None = None) -> list[dict]:
+        """Most sensitive first (all-but-one: the site whose exclusion helps most first); rows whose
+        metric was not computed last; ties by site name, then candidate order."""
+        metric = metric or self.metric
+        order = {c: i for i, c in enumerate(self.candidates)}
+
+        def key(row):
+            severity = self._severity(row, metric)
+            return (severity is None, -(severity or 0.0), row["site"],
+                    order.get((row["weight_format"], row["activation_format"]), len(order)), row["kind"])
+
+        return sorted(self.rows, key=key)
 
     def table(self, tablefmt: str = "simple") -> str:
-        rows = self.sorted_rows()
-        headers = ["site", "format", "sqnr", "mse", "cosine", "kl", "rel_error"]
-        return tabulate([[r[h] for h in headers] for r in rows], headers=headers, tablefmt=tablefmt, floatfmt=".4g")
+        headers = ["site", "kind", "weight_format", "activation_format", "loss", *METRICS]
+        body = [[r.get(h) for h in headers] for r in self.sorted_rows()]
+        text = tabulate(body, headers=[h.removesuffix("_format") for h in headers], tablefmt=tablefmt, floatfmt=".4g",
+                        missingval="-")
+        for entry in self.unmeasured:
+            text += f"\nnot measured: {entry['site']} ({entry['kind']}): {entry['reason']}"
+        return text
 
     def to_markdown(self) -> str:
         return self.table("github")
 
     def to_csv(self) -> str:
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(self.rows[0]) if self.rows else ["site"])
+        writer = csv.DictWriter(out, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.sorted_rows())
         return out.getvalue()
 
     def to_json(self) -> str:
-        return json.dumps({"mode": self.mode, "metric": self.metric, "rows": self.rows}, indent=1, default=str)
+        return json.dumps({"version": _FILE_VERSION, "mode": self.mode, "metric": self.metric,
+                           "candidates": [list(c) for c in self.candidates], "rows": self.rows,
+                           "unmeasured": self.unmeasured, "run": self.run}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> SensitivityReport:
         data = json.loads(text)
-        return cls([dict(r, sqnr=float(r["sqnr"])) for r in data["rows"]], data["mode"], data.get("metric", "sqnr"))
+        if data.get("version") != _FILE_VERSION:
+            raise MXValueError(f"not a version-{_FILE_VERSION} mxfx sensitivity report")
+        return cls(data["rows"], data["mode"], data.get("metric", "loss"), [tuple(c) for c in data["candidates"]],
+                   data.get("unmeasured", []), data.get("run", {}))
 
-    def value(self, site: str, fmt: str, metric: str | None = None) -> float:
-        metric = metric or self.metric
-        return next(r[metric] for r in self.rows if r["site"] == site and r["format"] == fmt)
+    def value(self, site: str, candidate: str | Sequence, metric: str | None = None, kind: str | None = None) -> float | None:
+        """The metric of one row; `candidate` is a (weight, activation) pair or a format f for (f, f)."""
+        pair = (candidate, candidate) if isinstance(candidate, str) else tuple(candidate)
+        pair = (_format_or_none(pair[0]), _format_or_none(pair[1]))
+        for row in self.rows:
+            if row["site"] == site and (row["weight_format"], row["activation_format"]) == pair and kind in (None, row["kind"]):
+                return row[metric or self.metric]
+        raise KeyError(f"no row for site {site!r} and candidate {candidate_label(pair)}")
 
     def plot(self, path: str | Path) -> Path:
-        """A heat map of sites x formats (the report's metric) to PNG/SVG; needs matplotlib."""
-        try:
-            import matplotlib
+        """A heat map of sites x candidates (the report's metric) to PNG/SVG; needs matplotlib.
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        Uses matplotlib's object-oriented `Figure` API: no pyplot state, the global backend is untouched.
+        """
+        try:
+            from matplotlib.figure import Figure
         except ImportError:
             raise MXValueError("plot needs matplotlib: pip install matplotlib") from None
-        sites = list(dict.fromkeys(r["site"] for r in self.rows))
-        formats = list(dict.fromkeys(r["format"] for r in self.rows))
-        grid = [[self.value(s, f) for f in formats] for s in sites]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(formats), 0.8 + 0.35 * len(sites)))
+        sites = list(dict.fromkeys((r["kind"], r["site"]) for r in self.rows))
+        pairs = self.candidates or list(dict.fromkeys((r["weight_format"], r["activation_format"]) for r in self.rows))
+        labels = [candidate_label(c) for c in pairs]
+        grid = [[math.nan] * len(labels) for _ in sites]
+        index = {s: i for i, s in enumerate(sites)}
+        for row in self.rows:
+            value = row.get(self.metric)
+            column = labels.index(candidate_label((row["weight_format"], row["activation_format"])))
+            grid[index[(row["kind"], row["site"])]][column] = math.nan if value is None else value
+        fig = Figure(figsize=(2.0 + 1.2 * len(labels), 1.0 + 0.35 * len(sites)))
+        ax = fig.subplots()
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(formats)), formats, rotation=30, ha="right")
-        ax.set_yticks(range(len(sites)), sites)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(sites)), [f"{name} ({kind[0]})" for kind, name in sites])
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="white", fontsize=7)
-        fig.colorbar(image, label=self.metric)
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.3g}", ha="center", va="center", color="white", fontsize=7)
+        fig.colorbar(image, ax=ax, label=self.metric)
         ax.set_title(f"mxfx sensitivity ({self.mode}, {self.metric})")
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path)
-        plt.close(fig)
         return path
 
 
@@ -168,219 +596,274 @@ def _progress_logger(done: int, total: int, elapsed: float, label: str) -> None:
     log.info("sensitivity %d/%d (%s), %.1f s elapsed, ~%.1f s left", done, total, label, elapsed, eta)
 
 
-def _base_graph(model, example: tuple, strict: bool) -> fx.GraphModule:
-    gm = export(model, example, strict=strict).module()
-    find_sites(gm)  # annotate the sites only
-    return gm
-
-
-def _linear_sites(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if (site := site_of(n)) is not None and site.kind == LINEAR and site.supported]
-
-
-def _site_config(quantized: dict[str, str], block_size: int, activations: bool) -> QuantConfig:
-    rules = [Rule(match=re.escape(site), weight=MXSpec(fmt, block_size),
-                  activation=MXSpec(fmt, block_size) if activations else None) for site, fmt in quantized.items()]
-    return QuantConfig(tuple(rules) or (Rule(match=".*", skip=True),))
-
-
-def _prepared_from(base: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    gm = copy.deepcopy(base)
-    for pass_ in pipeline(config):
-        pass_(gm)
-    return gm
+# --- measuring ---------------------------------------------------------------------------------
 
 
 def sensitivity(
     model: torch.nn.Module,
     inputs,
-    formats: Iterable[str] = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1", "int8"),
+    formats: Iterable[str] | None = None,
     *,
+    candidates: Iterable[Sequence] | None = None,
     mode: str = "local",
-    metric: str = "sqnr",
+    metric: str = "loss",
     sites: Iterable[str] | None = None,
-    activations: bool = True,
+    kinds: Sequence[str] = (LINEAR, ATTENTION),
     block_size: int = 32,
+    loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None,
+    activations: bool = True,
     strict: bool = False,
     progress: Callable[[int, int, float, str], None] | None = _progress_logger,
     resume: str | Path | None = None,
 ) -> SensitivityReport:
-    """Measure how much each linear site loses under each MX format.
+    """Measure how much each linear and attention site loses under each candidate MX format pair.
 
     Args:
-        model: the model (not modified).
+        model: the model (not modified; exported once, in eval mode).
         inputs: one batch (a tensor or a tuple of positional inputs) or an iterable of batches;
             metrics aggregate over all of them.
-        formats: element formats to try.
-        mode: "local", "isolated" or "all-but-one" (see the module docstring).
-        metric: the sort key: sqnr, mse, cosine, kl (model logits) or rel_error.
-        sites: only these site names (default: every linear site).
-        activations: quantize the site's input activations too (with the same format).
-        progress: called as progress(done, total, elapsed_s, label) after each measurement.
-        resume: a JSON path: rows already there are reused and the file is updated after each
-            measurement, so an interrupted run picks up where it stopped.
+        formats: element formats f, shorthand for the candidates (f, f) (default: fp8_e4m3,
+            fp6_e2m3, fp4_e2m1, int8).
+        candidates: (weight format, activation format) pairs; None keeps an operand in high
+            precision. Attention sites use the activation format for Q, K, V and P.
+        mode: "local", "isolated", "all-but-one" or "gradient" (see the module docstring).
+        metric: the sort key: "loss" (the mode's damage estimate) or sqnr, mse, cosine, kl, rel_error.
+        sites: only these site names (default: every site of `kinds`).
+        kinds: which site kinds to measure: "linear", "attention".
+        block_size: MX block size of every quantized operand.
+        loss_fn: gradient mode's scalar, `loss_fn(output, batch)` with the model's output structure
+            (default: random projections of the primary output, see the module docstring).
+        activations: with `formats`, False makes the candidates (f, None) (weight-only).
+        strict: torch.export's strict mode.
+        progress: called as progress(done, total, elapsed_s, label) after each measured
+            (site, candidate) of this process; rows taken from a resume file are not counted.
+        resume: a JSON path: if it exists it must come from the same run (mode, candidates, block
+            size, sites, kinds, compared outputs, loss_fn, batches, parameters), else MXValueError
+            names what differs; its rows are reused and the file is rewritten as rows complete.
 
     Returns:
-        SensitivityReport with one row per (site, format).
+        SensitivityReport with one row per (site, candidate), sites in graph order.
+
+    Raises:
+        MXValueError: unknown mode/metric/kind, no sites, a bad candidate, a resume file of another run.
     """
     if mode not in MODES:
         raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    if metric not in METRICS:
-        raise MXValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-    formats = [get_format(f).name for f in formats]
+    if metric not in SORT_KEYS:
+        raise MXValueError(f"unknown metric {metric!r}; valid: {', '.join(SORT_KEYS)}")
+    if isinstance(kinds, str) or not kinds or set(kinds) - set(KINDS):
+        raise MXValueError(f"kinds must be a non-empty list of {', '.join(KINDS)}, got {kinds!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise MXValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if loss_fn is not None and mode != "gradient":
+        raise MXValueError("loss_fn is used by mode='gradient' only")
+    if not isinstance(model, torch.nn.Module):
+        raise MXTypeError(f"sensitivity takes an nn.Module, got {type(model).__name__}")
+    cands = _candidates(formats, candidates, activations)
     batches = _batches(inputs)
-    base = _base_graph(model, batches[0], strict)
-    nodes = _linear_sites(base)
-    wanted = None if sites is None else set(sites)
-    nodes = [n for n in nodes if wanted is None or site_of(n).fqn in wanted]
-    names = list(dict.fromkeys(site_of(n).fqn for n in nodes))
-    if not names:
-        raise MXValueError("no linear sites to measure" + ("" if wanted is None else f" among {sorted(wanted)}"))
-    done: dict[tuple, dict] = {}
-    if resume is not None and Path(resume).is_file():
-        for row in SensitivityReport.from_json(Path(resume).read_text()).rows:
-            done[(row["site"], row["format"])] = row
-    numel = {site_of(n).fqn: site_of(n).weight_numel for n in nodes}
-    total, start = len(names) * len(formats), time.perf_counter()
-    rows: list[dict] = []
-    with torch.no_grad():
-        references = [_primary_output(base(*b)) for b in batches]
-        recorded = _record_linear_io(base, nodes, batches) if mode == "local" else None
-        for site in names:
-            for fmt in formats:
-                key = (site, fmt)
-                if key not in done:
-                    acc = _Accumulator()
-                    if mode == "local":
-                        for x, w, b, y in recorded[site]:
-                            xq = fake_quantize(x, fmt, block_size=block_size) if activations else x
-                            acc.add(y, F.linear(xq, fake_quantize(w, fmt, block_size=block_size), b), logits=False)
-                    else:
-                        chosen = {site: fmt} if mode == "isolated" else {s: fmt for s in names if s != site}
-                        prepared = _prepared_from(base, _site_config(chosen, block_size, activations))
-                        for batch, reference in zip(batches, references):
-                            acc.add(reference, _primary_output(prepared(*batch)), logits=True)
-                    done[key] = {"site": site, "format": fmt, "mode": mode, **acc.metrics(), "weight_numel": numel[site]}
-                    if resume is not None:
-                        Path(resume).write_text(SensitivityReport(list(done.values()), mode, metric).to_json())
-                rows.append(done[key])
-                if progress is not None:
-                    progress(len(rows), total, time.perf_counter() - start, f"{site} {fmt}")
-    return SensitivityReport(rows, mode, metric)
+    program = export(model, batches[0], strict=strict)
+    base = program.module()
+    find_sites(base)  # annotate only
+    targets, unmeasured = _targets(base, kinds, sites)
+    if mode in ("local", "gradient"):
+        why = {id(t): _explicit_support(t, base) for t in targets if t.kind == ATTENTION and t.form != "sdpa"}
+        for t in targets:
+            if why.get(id(t)) is not None:
+                unmeasured.append({"site": t.fqn, "kind": t.kind, "reason": f"{mode} mode cannot recompute {why[id(t)]}"})
+        targets = [t for t in targets if why.get(id(t)) is None]
+        if not targets:
+            raise MXValueError(f"no sites the {mode} mode can measure: {unmeasured}")
+    fingerprint = _run_fingerprint(model, batches, mode, cands, block_size, targets, kinds, loss_fn)
+    path = None if resume is None else Path(resume)
+    items = [(t, c) for t in targets for c in cands]
+    with distributed.process_group() as (rank, world):
+        done = _read_resume(path, fingerprint) if path is not None else {}
+        distributed.barrier(world)  # every rank reads the same files before any rank writes
+        todo = [(i, t, c) for i, (t, c) in enumerate(items) if (t.kind, t.fqn, *c) not in done]
+        mine = [(i, t, c) for n, (i, t, c) in enumerate(todo) if n % world == rank]
+        measure = _measure_model if mode in ("isolated", "all-but-one") else _measure_local
+        writer = _ResumeWriter(path, fingerprint, mode, metric, cands, unmeasured, rank, world, done)
+        results = measure(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) if mine else {}
+        results = distributed.gather(results, world)
+        rows = []
+        for i, (t, c) in enumerate(items):
+            row = done.get((t.kind, t.fqn, *c)) or results[i]
+            rows.append(row)
+        report = SensitivityReport(rows, mode, metric, cands, unmeasured, fingerprint)
+        writer.finish(report)
+    return report
 
 
-def _record_linear_io(base: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple]) -> dict:
-    """Inputs, weights, biases and outputs of each linear site, over all batches (one fp pass each)."""
-    wanted = {n.name: site_of(n).fqn for n in nodes}
-    recorded: dict[str, list] = {fqn: [] for fqn in wanted.values()}
+class _ResumeWriter:
+    """Rewrites the resume file as rows complete: the report itself in one process, one partial
+    file per rank (`<path>.rank<r>`) in a sharded run, merged by rank 0 at the end."""
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            if node.name in wanted:
-                x, w = self.env[node.args[0]], self.env[node.args[1]]
-                b = self.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
-                recorded[wanted[node.name]].append((x, w, b, out))
-            return out
+    def __init__(self, path, fingerprint, mode, metric, candidates, unmeasured, rank, world, done) -> None:
+        self.path, self.rank, self.world = path, rank, world
+        self.base = SensitivityReport(list(done.values()) if world == 1 else [], mode, metric, candidates, unmeasured, fingerprint)
 
+    def add(self, row: dict) -> None:
+        if self.path is None:
+            return
+        self.base.rows.append(row)
+        target = self.path if self.world == 1 else self.path.with_name(f"{self.path.name}.rank{self.rank}")
+        _write_json(target, self.base.to_json())
+
+    def finish(self, report: SensitivityReport) -> None:
+        if self.path is None:
+            return
+        distributed.barrier(self.world)
+        if self.rank == 0:
+            _write_json(self.path, report.to_json())
+            for partial in self.path.parent.glob(f"{self.path.name}.rank*"):
+                partial.unlink()
+        distributed.barrier(self.world)
+
+
+def _row(target: _Target, candidate: Candidate, mode: str, activation_numel: int, metrics: dict, loss: float | None) -> dict:
+    return {"site": target.fqn, "kind": target.kind, "weight_format": candidate[0], "activation_format": candidate[1],
+            "format": candidate_label(candidate), "mode": mode,
+            "weight_numel": target.weight_numel if target.kind == LINEAR else 0,
+            "activation_numel": activation_numel, "loss": loss, **metrics}
+
+
+def _unchanged(target: _Target, candidate: Candidate, mode: str, numel: int, kl: bool) -> dict:
+    """The exact row of an attention site under a candidate with no activation format: nothing is
+    quantized, so the output is unchanged (known without measuring)."""
+    metrics = {"sqnr": math.inf, "mse": 0.0, "cosine": 1.0, "kl": 0.0 if kl else None, "rel_error": 0.0}
+    return _row(target, candidate, mode, numel, metrics, 0.0)
+
+
+def _measure_local(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) -> dict:
+    """local and gradient modes: one recording pass per batch (gradient: with backward passes)."""
+    grad = mode == "gradient"
+    accs = {i: MetricAccumulator(kl=False) for i, _, _ in mine}
+    scores = {i: 0.0 for i, _, _ in mine}
+    numel: dict[str, int] = {t.fqn: 0 for t in targets}
+    start = time.perf_counter()
     for batch in batches:
-        Recorder(base).run(*batch)
-    return recorded
+        recorder = _Recorder(base, targets, keep=True, grad=grad)
+        flat = pytree.tree_leaves(batch)
+        with torch.set_grad_enabled(grad):
+            output = recorder.run(*flat)
+        for fqn, n in recorder.numel.items():
+            numel[fqn] += n
+        # gradient mode: mean over the scalars of G^2 per site output (score = sum(mean G^2 * err^2))
+        fisher: list[torch.Tensor | None] = [None] * len(recorder.outputs)
+        if grad and recorder.outputs:
+            scalars = _scalars(_structured(base, output), batch, loss_fn)
+            for s in scalars:
+                if not s.requires_grad:  # the output depends on no site: every score stays 0
+                    continue
+                grads = torch.autograd.grad(s, recorder.outputs, retain_graph=True, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is not None:
+                        term = g.detach().float().square() / len(scalars)
+                        fisher[k] = term if fisher[k] is None else fisher[k] + term
+                del grads
+        index = {id(out): k for k, out in enumerate(recorder.outputs)}
+        with torch.no_grad():
+            for i, target, candidate in mine:
+                if target.kind == ATTENTION and candidate[1] is None:
+                    continue
+                for record, out in recorder.records[target.fqn]:
+                    reference, quantized = _site_outputs(record, candidate, block_size)
+                    accs[i].add(reference, quantized)
+                    g2 = fisher[index[id(out)]] if grad else None
+                    if g2 is not None:  # None: the scalar does not depend on this output (score 0)
+                        scores[i] += (g2.double() * (quantized.double() - reference.double()).square()).sum().item()
+        del recorder, fisher, output
+    results = {}
+    for n, (i, target, candidate) in enumerate(mine, 1):
+        if target.kind == ATTENTION and candidate[1] is None:
+            row = _unchanged(target, candidate, mode, numel[target.fqn], kl=False)
+        else:
+            metrics = accs[i].result()
+            row = _row(target, candidate, mode, numel[target.fqn], metrics, scores[i] if grad else metrics["mse"])
+        results[i] = row
+        writer.add(row)
+        if progress is not None:
+            progress(n, len(mine), time.perf_counter() - start, f"{target.fqn} {candidate_label(candidate)}")
+    return results
 
 
-@dataclasses.dataclass
-class SearchResult:
-    """What `search` chose and how it measured up."""
+def _scalars(output: Any, batch: tuple, loss_fn: Callable | None) -> list[torch.Tensor]:
+    """Gradient mode's scalars: the user's loss, or random projections of the primary output."""
+    if loss_fn is not None:
+        loss = loss_fn(output, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise MXValueError("loss_fn(output, batch) must return a one-element tensor that depends on the output")
+        return [loss.reshape(())]
+    primary = _primary_output(output)
+    generator = torch.Generator().manual_seed(PROJECTION_SEED)
+    scalars = []
+    for _ in range(PROJECTIONS):
+        # entries N(0, 1/numel): E[G_i^2] = (J^T J)_ii / numel (module docstring); drawn on the CPU
+        # so the projections are the same on every device.
+        p = torch.randn(primary.shape, generator=generator, dtype=torch.float64) / math.sqrt(primary.numel())
+        scalars.append((p.to(primary.device, primary.dtype) * primary).sum())
+    return scalars
 
-    assignment: dict[str, str]  # site -> format
-    average_bits: float  # per weight element, scales included
-    predicted: dict  # {"mse": sum of isolated MSEs}
-    measured: dict  # model-output metrics of the chosen mix
-    toml: str
 
-
-def bits_per_element(fmt: str, block_size: int) -> float:
-    return get_format(fmt).bits + 8 / block_size
-
-
-def search(
-    model: torch.nn.Module,
-    inputs,
-    formats: Iterable[str] = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1"),
-    *,
-    budget_bits: float,
-    block_size: int = 32,
-    activations: bool = True,
-    report: SensitivityReport | None = None,
-    toml_path: str | Path | None = None,
-    progress: Callable | None = _progress_logger,
-) -> tuple[QuantConfig, SearchResult]:
-    """Pick a format per linear site so the average bits per weight element is <= budget_bits,
-    minimizing the model-output MSE predicted from isolated sensitivities (greedy: cheapest loss
-    per saved bit first), then verify the mix end to end.
-
-    Returns:
-        (QuantConfig with one explicit rule per site, SearchResult); writes the TOML if asked.
-    """
-    formats = sorted({get_format(f).name for f in formats}, key=lambda f: -bits_per_element(f, block_size))
-    batches = _batches(inputs)
-    if report is None or report.mode != "isolated":
-        report = sensitivity(model, batches, formats, mode="isolated", activations=activations,
-                             block_size=block_size, progress=progress)
-    sites = list(dict.fromkeys(r["site"] for r in report.rows))
-    numel = {r["site"]: r["weight_numel"] for r in report.rows}
-    loss = {(r["site"], r["format"]): r["mse"] for r in report.rows}
-    total = sum(numel.values())
-    choice = {s: 0 for s in sites}  # index into formats, widest first
-
-    def average_bits() -> float:
-        return sum(numel[s] * bits_per_element(formats[choice[s]], block_size) for s in sites) / total
-
-    lowest = sum(numel[s] * bits_per_element(formats[-1], block_size) for s in sites) / total
-    if budget_bits < lowest - 1e-9:
-        raise MXValueError(f"budget_bits={budget_bits} is below the narrowest format's {lowest:.3f} bits per weight")
-    while average_bits() > budget_bits + 1e-9:
-        best = None
-        for s in sites:
-            if choice[s] + 1 < len(formats):
-                now, nxt = formats[choice[s]], formats[choice[s] + 1]
-                saved = numel[s] * (bits_per_element(now, block_size) - bits_per_element(nxt, block_size))
-                cost = (loss[(s, nxt)] - loss[(s, now)]) / saved
-                if best is None or cost < best[0]:
-                    best = (cost, s)
-        choice[best[1]] += 1
-    assignment = {s: formats[choice[s]] for s in sites}
-    config = _site_config(assignment, block_size, activations)
-    base = _base_graph(model, batches[0], strict=False)
-    prepared = _prepared_from(base, config)
-    acc = _Accumulator()
+def _measure_model(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) -> dict:
+    """isolated and all-but-one modes: a prepared copy of the exported program per work item
+    (`mxfx.prepare(program, config)` shares the parameters: nothing is deep-copied)."""
+    references, numel = [], {t.fqn: 0 for t in targets}
     with torch.no_grad():
         for batch in batches:
-            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)), logits=True)
-    toml = _to_toml(assignment, block_size, activations)
-    if toml_path is not None:
-        Path(toml_path).write_text(toml)
-    predicted = {"mse": sum(loss[(s, f)] for s, f in assignment.items())}
-    return config, SearchResult(assignment, average_bits(), predicted, acc.metrics(), toml)
+            recorder = _Recorder(base, targets, keep=False, grad=False)
+            references.append(_primary_output(_structured(base, recorder.run(*pytree.tree_leaves(batch)))).detach())
+            for fqn, n in recorder.numel.items():
+                numel[fqn] += n
+
+    def run(chosen: dict[_Target, Candidate]) -> dict:
+        prepared = prepare(program, _config_for(chosen, block_size))
+        for target in chosen:
+            quantized = [s for s in prepared.mxfx_report.sites if s.fqn == target.fqn and s.kind == target.kind]
+            if not quantized or not all(s.quantized for s in quantized):
+                raise MXValueError(f"prepare did not quantize site {target.fqn!r} ({target.kind}) as asked: "
+                                   f"{[(s.status, s.reason) for s in quantized]}")
+        acc = MetricAccumulator(kl=True)
+        with torch.no_grad():
+            for batch, reference in zip(batches, references):
+                acc.add(reference, _primary_output(prepared(*batch)))
+        return acc.result()
+
+    everything: dict[Candidate, dict] = {}  # all-but-one: metrics with every site quantized, per candidate
+    results, start = {}, time.perf_counter()
+    for n, (i, target, candidate) in enumerate(mine, 1):
+        if mode == "all-but-one" and candidate not in everything:
+            everything[candidate] = run(_all_but(targets, None, candidate))
+        if target.kind == ATTENTION and candidate[1] is None:
+            row = _unchanged(target, candidate, mode, numel[target.fqn], kl=True)
+            if mode == "all-but-one":  # excluding a site the candidate leaves alone changes nothing
+                row = _row(target, candidate, mode, numel[target.fqn], everything[candidate], 0.0)
+        elif mode == "isolated":
+            metrics = run({target: candidate})
+            row = _row(target, candidate, mode, numel[target.fqn], metrics, metrics["mse"])
+        else:
+            metrics = run(_all_but(targets, target, candidate))
+            row = _row(target, candidate, mode, numel[target.fqn], metrics, everything[candidate]["mse"] - metrics["mse"])
+        results[i] = row
+        writer.add(row)
+        if progress is not None:
+            progress(n, len(mine), time.perf_counter() - start, f"{target.fqn} {candidate_label(candidate)}")
+    return results
+
+
+def _all_but(targets: list[_Target], excluded: _Target | None, candidate: Candidate) -> dict[_Target, Candidate]:
+    return {t: candidate for t in targets if t is not excluded and not (t.kind == ATTENTION and candidate[1] is None)}
 
 
 def evaluate(model: torch.nn.Module, inputs, config) -> dict:
-    """Model-output metrics (vs the unquantized model) of `config`, over the batches."""
+    """Model-output metrics (`mxfx.metrics`, KL per token over the last axis) of `config` against
+    the unquantized model, over the batches."""
     batches = _batches(inputs)
-    base = _base_graph(model, batches[0], strict=False)
-    prepared = _prepared_from(base, config if isinstance(config, QuantConfig) else __import__("mxfx").load_config(config))
-    acc = _Accumulator()
+    program = export(model, batches[0])
+    base = program.module()
+    prepared = prepare(program, load_config(config))
+    acc = MetricAccumulator(kl=True)
     with torch.no_grad():
         for batch in batches:
-            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)), logits=True)
-    return acc.metrics()
-
-
-def _to_toml(assignment: dict[str, str], block_size: int, activations: bool) -> str:
-    lines = ["# Written by mxfx.search: one explicit rule per linear site.", ""]
-    for site, fmt in assignment.items():
-        lines += ["[[rule]]", f"match = '{re.escape(site)}'", f'weight = {{ format = "{fmt}", block_size = {block_size} }}']
-        if activations:
-            lines.append(f'activation = {{ format = "{fmt}", block_size = {block_size} }}')
-        lines.append("")
-    return "\n".join(lines)
+            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)))
+    return acc.result()

@@ -1,0 +1,533 @@
+"""Mixed-precision search: one (weight format, activation format) candidate per site under a bit budget.
+
+    config, result = mxfx.search(model, batches, budget_bits=6.25, toml_path="mixed.toml")
+    front = mxfx.search(model, batches, candidates=[("fp4_e2m1", "fp8_e4m3"), ("fp6_e2m3", "fp6_e2m3"),
+                        ("fp8_e4m3", "fp8_e4m3")], budgets=[4.5, 5.25, 6.25], plot="front.png")
+    print(front.table())
+
+Each site gets a loss per candidate from a sensitivity measurement (`mode`, default "gradient":
+the Taylor score sum((dL/dY * (Yq - Y))^2) over the calibration batches); an exact knapsack
+(`mxfx.solver`) picks the candidates that minimize the summed loss within the budget; each
+chosen config is then prepared from one `mxfx.export` program and evaluated end to end, next
+to the uniform configs (each candidate at every site) as reference points.
+
+Bits (what the budgets count; scales included, OCP MX v1.0 §5: one 8-bit E8M0 scale per block):
+- an MX operand in format f with block size b costs `bits(f) + 8 / b` bits per element;
+- a high-precision activation costs `HIGH_PRECISION_ACTIVATION_BITS` (16) bits per element;
+- a high-precision weight costs the model's parameter width (32 for fp32 models).
+`budget_bits` bounds the numel-weighted average over the searched linear sites' weights;
+`act_budget_bits` the average over the searched sites' quantized activations (linear inputs;
+Q, K, V and P of attention sites, which have no weight and take the candidate's activation format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from mxfx.config import QuantConfig, config_from_dict
+from mxfx.errors import MXValueError
+from mxfx.export import export
+from mxfx.formats import get_format
+from mxfx.metrics import HIGHER_IS_BETTER, MetricAccumulator
+from mxfx.prepare import prepare
+from mxfx.sites import ATTENTION, LINEAR
+from mxfx.solver import solve
+
+log = logging.getLogger(__name__)
+# the module, not the function `mxfx.sensitivity` that shadows it as a package attribute
+_sensitivity_module = importlib.import_module("mxfx.sensitivity")
+
+HIGH_PRECISION_ACTIVATION_BITS = 16  # an unquantized activation, counted as bf16/fp16 for the act budget
+DEFAULT_FORMATS = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1")
+MODES = ("gradient", "local", "isolated", "all-but-one")
+Candidate = tuple[str | None, str | None]  # (weight format, activation format); None: high precision
+
+
+def bits_per_element(fmt: str | None, block_size: int = 32, high_precision_bits: int = HIGH_PRECISION_ACTIVATION_BITS) -> float:
+    """Bits per element of an operand in MX format `fmt` (scales included), or `high_precision_bits` for None."""
+    return float(_bits(fmt, block_size, high_precision_bits))
+
+
+def _bits(fmt: str | None, block_size: int, high_precision_bits: int) -> Fraction:
+    if fmt is None:
+        return Fraction(high_precision_bits)
+    return Fraction(get_format(fmt).bits) + Fraction(8, block_size)  # element bits + one E8M0 scale per block
+
+
+def _label(candidate: Candidate) -> str:
+    """"fp8_e4m3" for (fp8_e4m3, fp8_e4m3), "fp4_e2m1:fp8_e4m3" otherwise (the --candidates syntax)."""
+    return _sensitivity_module.candidate_label(candidate)
+
+
+def normalize_candidates(formats: Iterable[str] | None, candidates: Iterable[Sequence] | None) -> list[Candidate]:
+    """Candidates as canonical (weight, activation) pairs; `formats` is shorthand for (f, f) pairs."""
+    if formats is not None and candidates is not None:
+        raise MXValueError("pass formats or candidates, not both")
+    if candidates is None:
+        if isinstance(formats, str):
+            raise MXValueError(f"formats must be a list of format names, got the string {formats!r}")
+        candidates = [(f, f) for f in (DEFAULT_FORMATS if formats is None else formats)]
+    out: list[Candidate] = []
+    for pair in candidates:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise MXValueError(f"a candidate is a (weight format, activation format) pair, got {pair!r}")
+        weight, activation = (None if f is None else get_format(f).name for f in pair)
+        if weight is None and activation is None:
+            raise MXValueError("the candidate (None, None) quantizes nothing")
+        if (weight, activation) not in out:
+            out.append((weight, activation))
+    if not out:
+        raise MXValueError("no candidates to search over")
+    return out
+
+
+def _batches(inputs) -> list[tuple]:
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    if isinstance(inputs, tuple):
+        return [inputs]
+    batches = [b if isinstance(b, tuple) else (b,) for b in inputs]
+    if not batches:
+        raise MXValueError("search needs at least one input batch")
+    return batches
+
+
+def _first_float(output: Any) -> torch.Tensor:
+    """The first floating-point tensor of a model output (logits, last_hidden_state, ...)."""
+    stack = [output]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point():
+                return item
+        elif hasattr(item, "to_tuple"):  # a Hugging Face ModelOutput
+            stack[:0] = list(item.to_tuple())
+        elif isinstance(item, dict):
+            stack[:0] = list(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack[:0] = list(item)
+    raise MXValueError("the model output holds no floating-point tensor")
+
+
+def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
+    log.info("search %d/%d (%s), %.1f s elapsed", done, total, label, elapsed)
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(output: Any, batch: tuple) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on the batch's own tokens (the gradient-mode loss
+    `search` uses for models that take integer token ids and return [B, T, vocab] logits)."""
+    logits, tokens = _first_float(output), batch[0]
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
+        raise MXValueError(f"causal_lm_loss needs [B, T, vocab] logits for [B, T] tokens, got {tuple(logits.shape)}")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def _rows_from_report(report) -> list[dict]:
+    """The rows of a SensitivityReport, checked for what a search reads."""
+    needed = {"site", "kind", "weight_format", "activation_format", "weight_numel", "loss"}
+    for row in report.rows:
+        if needed - set(row):
+            raise MXValueError(f"a sensitivity row lacks {sorted(needed - set(row))}: measure it with mxfx.sensitivity "
+                               f"(candidates=...) first")
+    return [dict(row) for row in report.rows]
+
+
+def _is_causal_lm(model, batch: tuple) -> bool:
+    """Integer token ids in and [B, T, vocab] logits out (one forward pass to look)."""
+    tokens = batch[0] if batch else None
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dim() != 2:
+        return False
+    with torch.no_grad():
+        out = _first_float(model(*batch))
+    return out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)
+
+
+def measure(model, batches, candidates, *, mode="gradient", sites=None, block_size=32, loss_fn=None,
+            progress=_log_progress) -> list[dict]:
+    """The per-(site, candidate) loss rows a search minimizes, from `mxfx.sensitivity`.
+
+    In gradient mode without a `loss_fn`, a causal LM gets `causal_lm_loss` (next-token
+    cross-entropy: the Fisher of the quantity perplexity measures, as ModelOpt's auto_quantize);
+    other models get sensitivity's default (random projections of the output). Sites the mode
+    cannot measure are logged and left out of the search (they get no rule).
+    """
+    if mode not in MODES:
+        raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    batches = _batches(batches)
+    if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
+        loss_fn = causal_lm_loss
+    report = _sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
+                                             block_size=block_size, progress=progress,
+                                             **({"loss_fn": loss_fn} if mode == "gradient" else {}))
+    for row in getattr(report, "unmeasured", []):
+        log.warning("search: site %s (%s) not measured, left out: %s", row.get("site"), row.get("kind"), row.get("reason"))
+    return _rows_from_report(report)
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+def _spec(fmt: str, block_size: int) -> str:
+    return f'{{ format = "{fmt}", block_size = {block_size} }}'
+
+
+def to_toml(assignment: dict[str, Candidate], kinds: dict[str, str], block_size: int, header: Sequence[str] = ()) -> str:
+    """One explicit rule per site: weight and activation specs (linear), or an attention table."""
+    lines = ["# Written by mxfx.search: one explicit rule per searched site; other sites match no rule.",
+             *(f"# {h}" for h in header), ""]
+    for site, (weight, activation) in assignment.items():
+        lines += ["[[rule]]", f"match = '{re.escape(site)}'"]
+        if kinds.get(site) == ATTENTION:
+            if activation is None:
+                lines.append("skip = true")
+            else:
+                spec = _spec(activation, block_size)
+                lines.append(f"attention = {{ query = {spec}, key = {spec}, value = {spec}, probs = {spec} }}")
+        elif weight is None and activation is None:
+            lines.append("skip = true")
+        else:
+            if weight is not None:
+                lines.append(f"weight = {_spec(weight, block_size)}")
+            if activation is not None:
+                lines.append(f"activation = {_spec(activation, block_size)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What `search` chose for one budget and how it measured up."""
+
+    assignment: dict[str, Candidate]  # site -> (weight format, activation format)
+    average_bits: float  # per weight element over the searched linear sites, scales included
+    average_activation_bits: float | None  # per quantized-activation element (None: not measured)
+    predicted: dict  # {"loss": sum of the chosen candidates' losses}
+    measured: dict  # end-to-end metrics of the prepared config
+    toml: str  # the config as TOML (loads with mxfx.load_config)
+    budget_bits: float | None = None
+    act_budget_bits: float | None = None
+    exact: bool = True  # the solver's answer is provably optimal for the measured losses
+    mode: str = "gradient"
+
+    def counts(self) -> dict[str, int]:
+        """How many sites got each candidate."""
+        out: dict[str, int] = {}
+        for candidate in self.assignment.values():
+            out[_label(candidate)] = out.get(_label(candidate), 0) + 1
+        return out
+
+
+@dataclasses.dataclass
+class FrontPoint:
+    """One evaluated config: a searched mix for a budget, or a uniform reference."""
+
+    label: str
+    source: str  # "search" or "uniform"
+    weight_bits: float
+    activation_bits: float | None
+    value: float  # the front's metric
+    result: SearchResult
+    config: QuantConfig  # the config that was prepared and evaluated
+    on_front: bool = False
+
+
+@dataclasses.dataclass
+class Front:
+    """Searched configs and uniform references on (weight bits, metric): the Pareto front."""
+
+    points: list[FrontPoint]
+    metric: str
+    higher_is_better: bool
+
+    def __post_init__(self) -> None:
+        sign = -1.0 if self.higher_is_better else 1.0
+        for p in self.points:  # non-dominated: no other point has <= bits and a strictly better value, or < bits and ==
+            p.on_front = not any(
+                (q.weight_bits <= p.weight_bits and sign * q.value < sign * p.value)
+                or (q.weight_bits < p.weight_bits and q.value == p.value)
+                for q in self.points if q is not p)
+
+    def front(self) -> list[FrontPoint]:
+        """The non-dominated points, fewest bits first."""
+        return sorted((p for p in self.points if p.on_front), key=lambda p: (p.weight_bits, p.label))
+
+    def searched(self) -> list[FrontPoint]:
+        return [p for p in self.points if p.source == "search"]
+
+    def uniform(self) -> list[FrontPoint]:
+        return [p for p in self.points if p.source == "uniform"]
+
+    def table(self, tablefmt: str = "github") -> str:
+        rows = []
+        for p in sorted(self.points, key=lambda p: (p.weight_bits, p.source, p.label)):
+            act = "-" if p.activation_bits is None else f"{p.activation_bits:.3f}"
+            rows.append([p.label, p.source, f"{p.weight_bits:.3f}", act, f"{p.value:.6g}",
+                         f"{p.result.predicted['loss']:.4g}" if p.source == "search" else "-",
+                         "*" if p.on_front else ""])
+        return tabulate(rows, headers=["config", "source", "weight bits", "act bits", self.metric, "predicted loss",
+                                       "on front"], tablefmt=tablefmt)
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Bits vs metric to a PNG/SVG: the front as a line, other points hollow. Needs matplotlib.
+
+        Uses matplotlib's object-oriented Figure API only (no pyplot, no backend change).
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise MXValueError("plot needs matplotlib: pip install matplotlib") from None
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        front = self.front()
+        ax.plot([p.weight_bits for p in front], [p.value for p in front], "-", color="0.6", zorder=1, label="Pareto front")
+        for source, marker, color in (("search", "o", "tab:blue"), ("uniform", "s", "tab:orange")):
+            for on, face in ((True, color), (False, "none")):
+                pts = [p for p in self.points if p.source == source and p.on_front == on]
+                if pts:
+                    ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker, facecolors=face,
+                               edgecolors=color, zorder=2, label=f"{source}{'' if on else ' (dominated)'}")
+        for p in self.points:
+            ax.annotate(p.label, (p.weight_bits, p.value), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        ax.set_xlabel("weight bits per element (scales included)")
+        ax.set_ylabel(self.metric)
+        if not self.higher_is_better and all(p.value > 0 for p in self.points):
+            ax.set_yscale("log")
+        ax.set_title(title or f"mxfx search: {self.metric} vs bits")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        return path
+
+
+
+
+def search(
+    model: torch.nn.Module,
+    inputs,
+    formats: Iterable[str] | None = None,
+    *,
+    candidates: Iterable[Sequence] | None = None,
+    budget_bits: float | None = None,
+    budgets: Iterable[float] | None = None,
+    act_budget_bits: float | None = None,
+    mode: str = "gradient",
+    sites: Iterable[str] | None = None,
+    report=None,
+    block_size: int = 32,
+    toml_path: str | Path | None = None,
+    plot: str | Path | None = None,
+    progress: Callable[[int, int, float, str], None] | None = _log_progress,
+    loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None,
+    eval_fn: Callable[[torch.nn.Module], float] | None = None,
+    eval_inputs=None,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
+) -> tuple[QuantConfig, SearchResult] | Front:
+    """Choose a candidate per site minimizing the summed loss within a bit budget; verify end to end.
+
+    Args:
+        model: the model (not modified).
+        inputs: calibration: one batch or an iterable of batches (losses sum over them).
+        formats: shorthand for candidates [(f, f), ...] (default E4M3, E2M3, E2M1).
+        candidates: (weight format, activation format) pairs; None keeps that operand in high
+            precision. Attention sites use the activation format for Q, K, V and P.
+        budget_bits: one budget: returns (QuantConfig, SearchResult).
+        budgets: several budgets: returns a Front with the uniform configs as reference points.
+        act_budget_bits: optional bound on the average activation bits.
+        mode: how losses are measured: "gradient" (default), "local" or "isolated".
+        sites: restrict the search to these site names; other sites get no rule (stay as they are).
+        report: a SensitivityReport to use instead of measuring (its rows need `loss`, or `mse`).
+        block_size: MX block size of every spec.
+        toml_path: write the (single-budget) config here.
+        plot: write the front's plot here (budgets only).
+        progress: progress(done, total, elapsed_s, label) during measurement and evaluation.
+        loss_fn: loss_fn(output, batch) -> scalar for mode="gradient" (default: see `measure`).
+        eval_fn: eval_fn(prepared) -> float, the end-to-end metric (e.g. held-out perplexity);
+            default: model-output metrics vs the unquantized model on `eval_inputs`.
+        eval_inputs: batches for the default evaluation (default: `inputs`).
+        metric: the name of the front's metric ("mse" by default; "eval" with eval_fn).
+        higher_is_better: the metric's direction (default from the name; False for eval_fn).
+
+    Returns:
+        (QuantConfig, SearchResult) for budget_bits; a Front for budgets.
+
+    Raises:
+        MXValueError: bad arguments, unknown sites, or an infeasible budget (naming the minimum).
+    """
+    if (budget_bits is None) == (budgets is None):
+        raise MXValueError("pass exactly one of budget_bits (one config) or budgets (a front)")
+    if plot is not None and budgets is None:
+        raise MXValueError("plot draws a front: pass budgets=[...]")
+    if eval_fn is None:
+        metric = metric or "mse"
+        if metric not in HIGHER_IS_BETTER:
+            raise MXValueError(f"unknown metric {metric!r}; valid: {', '.join(HIGHER_IS_BETTER)} (or pass eval_fn)")
+        higher_is_better = HIGHER_IS_BETTER[metric] if higher_is_better is None else higher_is_better
+    else:
+        metric, higher_is_better = metric or "eval", bool(higher_is_better)
+    candidates = normalize_candidates(formats, candidates)
+    batches = _batches(inputs)
+    wanted = None if sites is None else list(dict.fromkeys(sites))
+    rows = _rows_from_report(report) if report is not None else measure(
+        model, batches, candidates, mode=mode, sites=wanted, block_size=block_size, loss_fn=loss_fn, progress=progress)
+    table = _loss_table(rows, candidates, wanted)
+    hp_weight_bits = next((p.dtype.itemsize * 8 for p in model.parameters() if p.is_floating_point()), 32)
+    program = export(model, batches[0])
+    evaluate = _evaluator(program, batches[0], _batches(eval_inputs) if eval_inputs is not None else batches, eval_fn, metric)
+    common = dict(table=table, block_size=block_size, hp_weight_bits=hp_weight_bits, act_budget_bits=act_budget_bits,
+                  mode=mode if report is None else getattr(report, "mode", mode))
+    if budget_bits is not None:
+        config, result = _solve_one(budget_bits, **common)
+        result.measured = evaluate(config)
+        if toml_path is not None:
+            Path(toml_path).write_text(result.toml)
+        return config, result
+    points, start = [], time.perf_counter()
+    budgets = sorted(float(b) for b in budgets)
+    total = len(budgets) + len(candidates)
+    for budget in budgets:
+        config, result = _solve_one(budget, **common)
+        result.measured = evaluate(config)
+        points.append(FrontPoint(f"search {budget:g}", "search", result.average_bits, result.average_activation_bits,
+                                 result.measured[metric], result, config))
+        if progress is not None:
+            progress(len(points), total, time.perf_counter() - start, points[-1].label)
+    for candidate in candidates:
+        config, result = _uniform(candidate, **common)
+        result.measured = evaluate(config)
+        points.append(FrontPoint(f"uniform {_label(candidate)}", "uniform", result.average_bits,
+                                 result.average_activation_bits, result.measured[metric], result, config))
+        if progress is not None:
+            progress(len(points), total, time.perf_counter() - start, points[-1].label)
+    front = Front(points, metric, higher_is_better)
+    if plot is not None:
+        front.plot(plot)
+    return front
+
+
+@dataclasses.dataclass
+class _Table:
+    sites: list[str]
+    kinds: dict[str, str]
+    candidates: list[Candidate]
+    loss: list[list[float]]
+    weight_numel: list[int]
+    activation_numel: list[int | None]
+
+
+def _loss_table(rows: list[dict], candidates: list[Candidate], wanted: list[str] | None) -> _Table:
+    by_site: dict[str, dict[Candidate, dict]] = {}
+    for row in rows:
+        key = (row["weight_format"], row["activation_format"])
+        by_site.setdefault(row["site"], {})[key] = row
+    if wanted is not None:
+        unknown = [s for s in wanted if s not in by_site]
+        if unknown:
+            raise MXValueError(f"unknown sites {unknown[:5]}; the measured sites are {sorted(by_site)[:10]}...")
+    sites = [s for s in by_site if wanted is None or s in wanted]
+    if not sites:
+        raise MXValueError("no sites to search over")
+    loss, kinds, weight_numel, activation_numel = [], {}, [], []
+    for site in sites:
+        missing = [c for c in candidates if c not in by_site[site]]
+        if missing:
+            raise MXValueError(f"the sensitivity rows have no loss for site {site!r} and candidates {missing}")
+        measured = [by_site[site][c] for c in candidates]
+        if any(r["loss"] is None for r in measured):
+            raise MXValueError(f"site {site!r}: a candidate's loss was not computed")
+        loss.append([float(r["loss"]) for r in measured])
+        kinds[site] = measured[0].get("kind", LINEAR)
+        weight_numel.append(int(measured[0].get("weight_numel") or 0))
+        numel = measured[0].get("activation_numel")
+        activation_numel.append(None if numel is None else int(numel))
+    return _Table(sites, kinds, candidates, loss, weight_numel, activation_numel)
+
+
+def _averages(table: _Table, choice: Sequence[int], block_size: int, hp_weight_bits: int) -> tuple[float, float | None]:
+    wtotal = sum(table.weight_numel)
+    wbits = sum(n * _bits(table.candidates[k][0], block_size, hp_weight_bits)
+                for n, k, site in zip(table.weight_numel, choice, table.sites) if table.kinds[site] == LINEAR)
+    if any(n is None for n in table.activation_numel):
+        return float(wbits / wtotal) if wtotal else 0.0, None
+    atotal = sum(table.activation_numel)
+    abits = sum(n * _bits(table.candidates[k][1], block_size, HIGH_PRECISION_ACTIVATION_BITS)
+                for n, k in zip(table.activation_numel, choice))
+    return (float(wbits / wtotal) if wtotal else 0.0), (float(abits / atotal) if atotal else None)
+
+
+def _finish(table: _Table, choice: Sequence[int], *, block_size, hp_weight_bits, budget_bits, act_budget_bits, mode,
+            exact=True) -> tuple[QuantConfig, SearchResult]:
+    assignment = {site: table.candidates[k] for site, k in zip(table.sites, choice)}
+    wbits, abits = _averages(table, choice, block_size, hp_weight_bits)
+    loss = sum(table.loss[i][k] for i, k in enumerate(choice))
+    header = [f"budget {budget_bits} bits per weight" if budget_bits is not None else "uniform reference",
+              f"average weight bits {wbits:.4f}" + ("" if abits is None else f", activation bits {abits:.4f}"),
+              f"sensitivity mode {mode}, predicted loss {loss:.6g}"]
+    text = to_toml(assignment, table.kinds, block_size, header)
+    config = config_from_dict(tomllib.loads(text), "mxfx.search")  # the TOML is the source of truth
+    return config, SearchResult(assignment, wbits, abits, {"loss": loss}, {}, text, budget_bits, act_budget_bits, exact, mode)
+
+
+def _solve_one(budget_bits: float, *, table: _Table, block_size, hp_weight_bits, act_budget_bits, mode):
+    wtotal = sum(table.weight_numel)
+    if wtotal == 0:
+        raise MXValueError("a weight budget needs linear sites among the searched sites")
+    wcost = [[n * _bits(c[0], block_size, hp_weight_bits) if table.kinds[s] == LINEAR else 0 for c in table.candidates]
+             for s, n in zip(table.sites, table.weight_numel)]
+    acost = abudget = None
+    if act_budget_bits is not None:
+        if any(n is None for n in table.activation_numel):
+            raise MXValueError("act_budget_bits needs activation_numel in the sensitivity rows")
+        acost = [[n * _bits(c[1], block_size, HIGH_PRECISION_ACTIVATION_BITS) for c in table.candidates]
+                 for n in table.activation_numel]
+        abudget = Fraction(repr(float(act_budget_bits))) * sum(table.activation_numel)
+    solution = solve(table.loss, wcost, Fraction(repr(float(budget_bits))) * wtotal, acost, abudget,
+                     weight_total=wtotal, activation_total=sum(n or 0 for n in table.activation_numel) or 1)
+    return _finish(table, solution.choice, block_size=block_size, hp_weight_bits=hp_weight_bits,
+                   budget_bits=budget_bits, act_budget_bits=act_budget_bits, mode=mode, exact=solution.exact)
+
+
+def _uniform(candidate: Candidate, *, table: _Table, block_size, hp_weight_bits, act_budget_bits, mode):
+    k = table.candidates.index(candidate)
+    return _finish(table, [k] * len(table.sites), block_size=block_size, hp_weight_bits=hp_weight_bits,
+                   budget_bits=None, act_budget_bits=None, mode=mode)
+
+
+def _evaluator(program, example: tuple, batches: list[tuple], eval_fn, metric: str) -> Callable[[QuantConfig], dict]:
+    """config -> metrics of the config prepared from one exported program."""
+    if eval_fn is not None:
+        return lambda config: {metric: float(eval_fn(prepare(program, config, example)))}
+    reference = program.module()
+    with torch.no_grad():
+        references = [_first_float(reference(*b)).detach() for b in batches]
+
+    def evaluate(config: QuantConfig) -> dict:
+        prepared = prepare(program, config, example)
+        accumulator = MetricAccumulator(kl=True)  # the definitions mxfx.evaluate uses
+        with torch.no_grad():
+            for reference_output, batch in zip(references, batches):
+                accumulator.add(reference_output, _first_float(prepared(*batch)))
+        return accumulator.result()
+
+    return evaluate
