@@ -2,6 +2,7 @@
 
 from mxfx import attention, ops  # noqa: F401  (register the torch.ops.mxfx ops)
 from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
+from mxfx.checks import NonFinite, check_nonfinite
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
 from mxfx.errors import (
     ArchiveError,
@@ -17,7 +18,7 @@ from mxfx.errors import (
 from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
-from mxfx.prepare import PrepareReport, check_nonfinite, prepare
+from mxfx.prepare import PrepareReport, prepare
 from mxfx.sensitivity import SearchResult, SensitivityReport, evaluate, search, sensitivity
 from mxfx.sites import Site, find_sites
 
@@ -26,6 +27,7 @@ __all__ = [
     "find_sites",
     "Site",
     "check_nonfinite",
+    "NonFinite",
     "InputGuardError",
     "SearchResult",
     "SensitivityReport",

@@ -28,7 +28,7 @@ from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
-from mxfx.sites import Site, graph_sites, site_of
+from mxfx.sites import Site, graph_sites
 
 log = logging.getLogger(__name__)
 
@@ -140,31 +140,6 @@ def _detach_parameters(gm: fx.GraphModule) -> None:
             replacements[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=False)
         owner_path, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, replacements[id(param)])
-
-
-def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
-    """Run `prepared` once and name every site whose MX-quantized operand holds ±Inf or NaN (its
-    blocks decode to NaN); warns once per site. Returns the site names."""
-    from mxfx.api import warn_if_infinite
-
-    quantizing = {torch.ops.mxfx.fake_quantize.default, torch.ops.mxfx.linear.default, torch.ops.mxfx.attention.default}
-    found: list[str] = []
-
-    class Checker(fx.Interpreter):
-        def run_node(self, node):
-            if node.op == "call_function" and node.target in quantizing:
-                x = self.env[node.args[0]]
-                stack = list((node.meta.get("nn_module_stack") or {}).values())
-                record = site_of(node)
-                site = record.fqn if record is not None else (stack[-1][0] if stack else "<root>")
-                if not torch.isfinite(x).all():
-                    found.append(site)
-                    warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")
-            return super().run_node(node)
-
-    with torch.no_grad():
-        Checker(prepared).run(*torch.utils._pytree.tree_leaves((args, kwargs)))
-    return list(dict.fromkeys(found))
 
 
 def matching_passes(config: QuantConfig) -> list:

@@ -127,14 +127,74 @@ def test_inf_input_warns_once():
         mxfx.fake_quantize(x, "fp8_e4m3")  # once: no second warning
 
 
-def test_check_nonfinite_names_sites():
+def nonfinite(prepared, *inputs):
+    """check_nonfinite as (site, operand, kinds) triples; its warnings are checked to match."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", mxfx.MXFXWarning)
+        found = mxfx.check_nonfinite(prepared, *inputs)
+    assert [str(w.message) for w in caught if w.category is mxfx.MXFXWarning] == [f"mxfx: {f}" for f in found]
+    return [(f.site, f.operand, f.kinds) for f in found]
+
+
+@pytest.mark.parametrize("value,kinds", [(math.inf, "Inf"), (-math.inf, "Inf"), (math.nan, "NaN")])
+def test_check_nonfinite_names_site_operand_and_kind(value, kinds):
     prepared = mxfx.prepare(MLP(), ALL, (torch.randn(2, 64),))
     x = torch.randn(2, 64)
-    x[0, 0] = math.inf
+    x[0, 0] = value
+    assert nonfinite(prepared, x)[0] == ("net.0", "activation", kinds)
+    assert nonfinite(prepared, torch.randn(2, 64)) == []
+
+
+def test_check_nonfinite_ignores_unquantized_inputs():
+    """A weight-only linear does not quantize its input: a NaN there is not an MX problem."""
+    weight_only = QuantConfig((Rule(match=".*", weight=E4M3),))
+    prepared = mxfx.prepare(MLP(), weight_only, (torch.randn(2, 64),))
+    assert nonfinite(prepared, torch.full((2, 64), math.nan)) == []
+
+
+@pytest.mark.parametrize("storage", ["packed", "simulated"])
+def test_check_nonfinite_reports_weight_blocks_that_decode_to_nan(storage):
+    model = MLP()
+    with torch.no_grad():
+        model.net[2].weight[5, 40] = math.inf  # one block of 32 along in_features
+    cfg = QuantConfig((Rule(match=".*", weight=E4M3, weight_storage=storage),))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", mxfx.MXFXWarning)
-        assert mxfx.check_nonfinite(prepared, x)[0] == "net.0"
-        assert mxfx.check_nonfinite(prepared, torch.randn(2, 64)) == []
+        warnings.simplefilter("ignore", mxfx.MXFXWarning)  # prepare warns about the Inf weight itself
+        prepared = mxfx.prepare(model, cfg, (torch.randn(2, 64),))
+        found = mxfx.check_nonfinite(prepared, torch.randn(2, 64))
+    assert [(f.site, f.operand, f.nan, f.inf) for f in found] == [("net.2", "weight", 32, 0)]
+
+
+def attention_with_bias(flash, operand, spec):
+    """CausalSelfAttention whose c_attn bias is +Inf on one of q / k / v: that operand is all Inf."""
+    model = CausalSelfAttention(32, 2, flash)
+    with torch.no_grad():
+        model.c_attn.bias[32 * "qkv".index(operand):][:32] = math.inf
+    cfg = QuantConfig((Rule(match="", attention=spec), Rule(match=".*", skip=True)))
+    return mxfx.prepare(model, cfg, (torch.randn(2, 8, 32),))
+
+
+ALL_FOUR = AttentionSpec(E4M3, E4M3, E4M3, E4M3)
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("operand,want", [
+    ("q", [("", "q", "Inf"), ("", "p", "NaN")]),  # q·k = Inf - Inf: NaN scores, NaN rows of P
+    ("k", [("", "k", "Inf"), ("", "p", "NaN")]),
+    ("v", [("", "v", "Inf")]),
+])
+def test_check_nonfinite_attention_operands(flash, operand, want):
+    prepared = attention_with_bias(flash, operand, ALL_FOUR)
+    assert sorted(nonfinite(prepared, torch.randn(2, 8, 32))) == sorted(want)
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "explicit"])
+def test_check_nonfinite_attention_checks_only_quantized_operands(flash):
+    """K is Inf but kept in high precision, and P (NaN) is not quantized either: nothing to report."""
+    prepared = attention_with_bias(flash, "k", AttentionSpec(query=E4M3, value=E4M3))
+    assert nonfinite(prepared, torch.randn(2, 8, 32)) == []
+    prepared = attention_with_bias(flash, "k", AttentionSpec(query=E4M3, probs=E4M3))
+    assert nonfinite(prepared, torch.randn(2, 8, 32)) == [("", "p", "NaN")]
 
 
 # --- models ----------------------------------------------------------------------------------
