@@ -4,6 +4,7 @@ the fix, never a silently wrong answer. Plus property tests, a bit-pattern fuzz,
 import math
 import threading
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -295,10 +296,7 @@ def test_property_random_mlps_match_the_reference(widths, batch, fmt, block, bia
     spec = MXSpec(fmt, block)
     cfg = QuantConfig((Rule(match=".*", weight=spec, activation=spec if act else None),))
     x = torch.randn(batch, widths[0])
-    try:
-        prepared = mxfx.prepare(model, cfg, (x,))
-    except mxfx.MXFXError:
-        return
+    prepared = mxfx.prepare(model, cfg, (x,))  # every generated case is valid: no error is acceptable
     h = x
     for layer in layers:
         xin = mxfx.fake_quantize(h, fmt, block_size=block) if act else h
@@ -306,15 +304,31 @@ def test_property_random_mlps_match_the_reference(widths, batch, fmt, block, bia
     assert bits_equal(prepared(x), h)
 
 
+def attention_by_hand(model, x, fmt, block):
+    """CausalSelfAttention written out with mxfx.fake_quantize on each quantized operand: weights
+    along in_features, Q and K along head_dim, P along the key axis, V along the sequence axis."""
+    def fq(t, axis=-1):
+        return mxfx.fake_quantize(t, fmt, block_size=block, axis=axis)
+
+    B, T, C = x.shape
+    qkv = torch.nn.functional.linear(x, fq(model.c_attn.weight), model.c_attn.bias)
+    q, k, v = (t.view(B, T, model.n_head, C // model.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    scores = (fq(q) @ fq(k).transpose(-2, -1)) * (1.0 / math.sqrt(C // model.n_head))
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    y = fq(torch.softmax(scores, dim=-1)) @ fq(v, axis=-2)
+    return torch.nn.functional.linear(y.transpose(1, 2).reshape(B, T, C), fq(model.c_proj.weight), model.c_proj.bias)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seq=st.integers(2, 20), heads=st.sampled_from([1, 2, 4]), flash=st.booleans(), fmt=st.sampled_from(FORMAT_NAMES))
-def test_property_random_attention_runs(seq, heads, flash, fmt):
+def test_property_random_attention_matches_the_reference(seq, heads, flash, fmt):
+    torch.manual_seed(seq * 8 + heads)
     model, x = CausalSelfAttention(32, heads, flash), torch.randn(2, seq, 32)
     spec = MXSpec(fmt, 16)
     cfg = QuantConfig((Rule(match="", attention=AttentionSpec(spec, spec, spec, spec)), Rule(match=".*", weight=spec)))
     prepared = mxfx.prepare(model, cfg, (x,))
-    out = prepared(x)
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert [s.kind for s in prepared.mxfx_report.sites if s.quantized] == ["linear", "attention", "linear"]
+    assert bits_equal(prepared(x), attention_by_hand(model, x, fmt, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -322,7 +336,8 @@ def test_property_random_attention_runs(seq, heads, flash, fmt):
 def test_fuzz_random_bit_patterns(dtype, fmt):
     """decode(encode(x)) over random bit patterns of every input dtype: the spec value, never an
     exception, NaN only in blocks holding NaN or Inf."""
-    g = torch.Generator().manual_seed(hash((str(dtype), fmt)) % 2**31)
+    # zlib.crc32, not hash(): string hashes are salted per process, so a failure could not be replayed
+    g = torch.Generator().manual_seed(zlib.crc32(f"{dtype}-{fmt}".encode()))
     bits = torch.randint(-(2**31), 2**31 - 1, (64, 64), generator=g, dtype=torch.int64)
     x = (bits.to(torch.int32) if dtype is torch.float32 else (bits & 0xFFFF).to(torch.int32).to(torch.int16)).view(dtype)
     with warnings.catch_warnings():
