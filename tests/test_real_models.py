@@ -56,7 +56,9 @@ def test_minilm_every_format_and_attention(minilm):
     assert results["int8", None] > 0.998  # an independent implementation measured 0.9993
     assert 0.85 < results["fp4_e2m1", None] < 0.97  # measured 0.925
     assert results["int8", r".*attention\.self"] > 0.99  # measured 0.9991
-    assert 0.85 < results["fp4_e2m1", r".*attention\.self"] < 0.96  # measured 0.915
+    # MXFP4 on Q, K, V and P costs accuracy on top of the linears (measured 0.915 vs 0.932): a
+    # result no lower than the linears alone would mean the attention sites were not quantized
+    assert 0.85 < results["fp4_e2m1", r".*attention\.self"] < results["fp4_e2m1", None] - 0.005
 
 
 @pytest.mark.slow
