@@ -27,7 +27,6 @@ import torch
 
 from mxfx.errors import MissingDependencyError, MXValueError
 
-
 # Never reach the network: the models are installed packages (see the module docstring).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
