@@ -2,6 +2,7 @@
 
 from mxfx import attention, ops  # noqa: F401  (register the torch.ops.mxfx ops)
 from mxfx.api import MXData, dequantize, fake_quantize, linear, matmul, quantize
+from mxfx.checks import NonFinite, check_nonfinite
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, load_config, preset_names
 from mxfx.errors import (
     ArchiveError,
@@ -9,6 +10,7 @@ from mxfx.errors import (
     ExportError,
     FormatError,
     InputGuardError,
+    MissingDependencyError,
     MXFXError,
     MXFXWarning,
     MXTypeError,
@@ -17,7 +19,7 @@ from mxfx.errors import (
 from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
-from mxfx.prepare import PrepareReport, check_nonfinite, prepare
+from mxfx.prepare import PrepareReport, prepare
 from mxfx.search import Front, SearchResult, search
 from mxfx.sensitivity import SensitivityReport, evaluate, sensitivity
 from mxfx.sites import Site, find_sites
@@ -27,8 +29,10 @@ __all__ = [
     "find_sites",
     "Site",
     "check_nonfinite",
+    "NonFinite",
     "InputGuardError",
     "Front",
+    "MissingDependencyError",
     "SearchResult",
     "SensitivityReport",
     "evaluate",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 
 def register_inductor_decomposition(op: torch._ops.OpOverload, fn: Callable) -> None:
@@ -34,7 +37,39 @@ def detect_fake_mode(values):
     return _detect(values)
 
 
-def guard_inductor_loop_split() -> None:
+# Set to 0 (or "false", "off", "no") before `import mxfx` to leave Inductor's loop split alone.
+LOOP_SPLIT_GUARD_ENV = "MXFX_INDUCTOR_LOOP_SPLIT_GUARD"
+# torch releases the guard is installed on: 2.13 has the bug (tests/test_compat.py shows it). 2.14
+# is in mxfx's declared range but unverified; upstream's try_loop_split still splits without a
+# divisibility check, and the guard changes nothing where a split keeps every iteration, so it is
+# installed there too. Releases outside the declared range get no guard (and a log message).
+LOOP_SPLIT_GUARD_VERSIONS = ((2, 13), (2, 14))
+
+
+def loop_split_guard_decision(version: str | None = None, environ=None) -> tuple[bool, str]:
+    """(install the loop-split guard?, why) for a torch `version` and an environment.
+
+    Args:
+        version: a torch version string (default: the running torch).
+        environ: a mapping of environment variables (default: `os.environ`).
+    """
+    import os
+
+    from torch.torch_version import TorchVersion
+
+    environ = os.environ if environ is None else environ
+    setting = environ.get(LOOP_SPLIT_GUARD_ENV, "1").strip().lower()
+    if setting in ("0", "false", "off", "no"):
+        return False, f"disabled by {LOOP_SPLIT_GUARD_ENV}={environ[LOOP_SPLIT_GUARD_ENV]}"
+    parsed = TorchVersion(torch.__version__ if version is None else version)
+    if not any(parsed >= major_minor and parsed < (major_minor[0], major_minor[1] + 1)
+               for major_minor in LOOP_SPLIT_GUARD_VERSIONS):
+        known = ", ".join(f"{a}.{b}" for a, b in LOOP_SPLIT_GUARD_VERSIONS)
+        return False, f"torch {parsed} is not one of the releases the guard is for ({known})"
+    return True, f"torch {parsed}"
+
+
+def guard_inductor_loop_split() -> bool:
     """Keep Inductor's CPU loop split from dropping the tail of a loop (a miscompile in torch 2.13).
 
     `CppScheduling.try_loop_split` removes an index division `i // d` by splitting the loop over
@@ -42,44 +77,101 @@ def guard_inductor_loop_split() -> None:
     are never run. MX hits it whenever a block axis is not a multiple of the block size (the
     per-block scale is read at `i // block_size` while the output has n elements), and the
     partial block's outputs stay uninitialised memory. The guard runs the optimisation and
-    undoes it when the split loops no longer cover every iteration; it is idempotent.
-    Upstream still has the unchecked `index_size[split_idx] // split_number` (searched).
-    """
-    import sympy
+    undoes it when the split loops no longer cover every iteration. Upstream still has the
+    unchecked `index_size[split_idx] // split_number` (searched).
 
+    The method is replaced for every CPU compile in the process, mxfx's or not, so the guard is
+    fail-safe: it is installed only on the torch releases in `LOOP_SPLIT_GUARD_VERSIONS`, not at
+    all when the environment sets `MXFX_INDUCTOR_LOOP_SPLIT_GUARD=0`, and if its own use of
+    Inductor internals (`SchedulerNode.snapshot_loop_state`, `restore_loop_state`, `group`)
+    fails, it logs a warning once and returns what the original method returned. Exceptions of
+    the original method itself propagate unchanged. Idempotent.
+
+    Returns:
+        Whether the guard is installed after the call.
+    """
+    wanted, why = loop_split_guard_decision()
+    if not wanted:
+        _log.info("mxfx: Inductor loop-split guard not installed: %s", why)
+        return False
     try:
         from torch._inductor.codegen.cpp import CppScheduling
 
         original = CppScheduling.try_loop_split
     except (ImportError, AttributeError):  # a torch without this optimisation has no such bug
-        return
+        return False
     if getattr(original, "_mxfx_guarded", False):
-        return
-
-    def iterations(node) -> sympy.Expr:
-        return sympy.expand(sympy.Mul(*node.group[1][0], *node.group[1][1]))
+        return True
 
     def try_loop_split(self, nodes):
-        before = [(node, node.snapshot_loop_state(), iterations(node)) for node in nodes]
+        try:
+            before = [(node, _snapshot_loop(node), _loop_iterations(node)) for node in nodes]
+        except Exception as error:  # a torch whose internals moved: stand aside
+            _guard_failed(error)
+            return original(self, nodes)
         split = original(self, nodes)
-        if all(iterations(node) == count for node, _, count in before):
+        try:
+            if all(_loop_iterations(node) == count for node, _, count in before):
+                return split
+            for node, state, _ in reversed(before):
+                _restore_loop(node, state)
+            return nodes
+        except Exception as error:
+            _guard_failed(error)
             return split
-        for node, state, _ in reversed(before):
-            node.restore_loop_state(state)
-        return nodes
 
     try_loop_split._mxfx_guarded = True
     try_loop_split.__wrapped__ = original  # the tests check the unguarded one still miscompiles
     CppScheduling.try_loop_split = try_loop_split
+    return True
+
+
+# The guard's only contact with Inductor's scheduler nodes, one function each (the tests break them).
+def _snapshot_loop(node):
+    return node.snapshot_loop_state()
+
+
+def _restore_loop(node, state) -> None:
+    node.restore_loop_state(state)
+
+
+def _loop_iterations(node):
+    """The iteration count of a scheduler node's loop nest (pointwise sizes times reduction sizes)."""
+    import sympy
+
+    return sympy.expand(sympy.Mul(*node.group[1][0], *node.group[1][1]))
+
+
+_GUARD_FAILURES: set[str] = set()
+
+
+def _guard_failed(error: Exception) -> None:
+    """Log once per kind of failure that the guard could not check a loop split (never raises)."""
+    kind = f"{type(error).__name__}: {error}"
+    if kind not in _GUARD_FAILURES:
+        _GUARD_FAILURES.add(kind)
+        _log.warning("mxfx: the Inductor loop-split guard cannot inspect this torch's loop state (%s); "
+                     "CPU compiles run the unguarded split, which drops the tail of loops whose MX "
+                     "block axis is not a multiple of the block size", kind)
 
 
 def tag_compile_caches(digest: str) -> None:
     """Add `digest` (a hash of mxfx's op sources) to the key of torch.compile's caches.
 
-    Inductor's FX-graph cache and AOTAutograd's cache key a graph by its nodes: an mxfx op is just
-    its name there, so a cached kernel built from an older mxfx decomposition would be reused after
-    the math changed. torch offers one public knob that enters every cache key,
-    `torch.compiler.config.cache_key_tag`; a tag the user set is kept and extended. Idempotent.
+    AOTAutograd's cache keys the Dynamo graph, where an mxfx op is only its name: the
+    decomposition Inductor traces in its place (`register_inductor_decomposition`) is a Python
+    function pickled by reference, so after the math of an mxfx op changed a warm cache would
+    hand back kernels built from the old math. (Inductor's FX-graph cache sees the graph after
+    decomposition, plain ATen, and is safe on its own.) torch 2.13 has no key component scoped to
+    graphs that contain a given op: source hashes are taken only for user Triton kernels (GPU),
+    `CustomGraphPass.uuid()` only for passes handed to a compile, and
+    `inductor.config.unsafe_marked_cacheable_functions` is itself global config. The one knob
+    that enters every key is `torch.compiler.config.cache_key_tag` (FX-graph, AOTAutograd,
+    autotune and Dynamo PGO caches). Its cost: once mxfx is imported, *every* compile in the
+    process (mxfx's or not) is keyed with the tag, so entries written by a process without mxfx
+    (or with other mxfx sources) are not reused. A tag the user set is kept and extended.
+    Idempotent. Scoping it would take the digest inside the graph (e.g. an argument of the mxfx
+    ops), which changes the op schemas.
     """
     tag = torch.compiler.config.cache_key_tag
     mark = f"mxfx-{digest}"

@@ -39,5 +39,9 @@ class InputGuardError(MXFXError, ValueError):
     """A prepared module was called with inputs its export does not cover (e.g. another batch size)."""
 
 
+class MissingDependencyError(MXFXError, ImportError):
+    """An optional package or program a feature needs is not installed (the message says how to get it)."""
+
+
 class MXFXWarning(UserWarning):
     """Warnings from mxfx: rules that match nothing, Inf inputs that turn MX blocks into NaN, ..."""

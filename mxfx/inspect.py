@@ -248,29 +248,47 @@ def _describe_op(node: fx.Node) -> str:
 
 
 def draw(prepared: fx.GraphModule, path: str | Path) -> Path:
-    """Draw the graph to SVG or PNG (by the file suffix) with Graphviz, mxfx nodes highlighted.
+    """Draw the graph with Graphviz, mxfx nodes highlighted; the file suffix picks the output.
 
-    Needs the `pydot` package and Graphviz's `dot` program (`pip install mxfx[graph]`,
-    `apt-get install graphviz`).
+    Args:
+        prepared: a module from `mxfx.prepare` or `mxfx.load`.
+        path: `.dot` (the Graphviz source: needs only the `pydot` package), `.svg` or `.png`
+            (also need Graphviz's `dot` program: `apt-get install graphviz`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        MissingDependencyError: pydot, or for SVG/PNG Graphviz's `dot`, is not installed.
+        MXValueError: another suffix.
     """
     import shutil
 
+    from mxfx.errors import MissingDependencyError, MXValueError
+
+    path = Path(path)
+    if path.suffix not in (".dot", ".svg", ".png"):
+        raise MXValueError(f"draw writes .dot, .svg or .png files, got {path.name!r}")
     try:
         import pydot  # noqa: F401
     except ImportError:
-        raise ArchiveError("drawing needs pydot: pip install pydot (and Graphviz: apt-get install graphviz)") from None
-    if shutil.which("dot") is None:
-        raise ArchiveError("drawing needs Graphviz's 'dot' program: apt-get install graphviz (or brew install graphviz)")
+        raise MissingDependencyError("drawing needs pydot: pip install 'mxfx[graph]' (or pip install pydot)") from None
+    if path.suffix != ".dot" and shutil.which("dot") is None:
+        raise MissingDependencyError(f"drawing {path.suffix} needs Graphviz's 'dot' program: apt-get install graphviz "
+                                     "(or brew install graphviz); a .dot file needs only pydot")
     from torch.fx.passes.graph_drawer import FxGraphDrawer
 
-    path = Path(path)
+    mx_ops = {n.name for n in prepared.graph.nodes
+              if n.op == "call_function" and getattr(n.target, "namespace", None) == "mxfx"}
     graph = FxGraphDrawer(prepared, "mxfx", ignore_getattr=True).get_main_dot_graph()
     for node in graph.get_nodes():
-        if "mxfx" in (node.get("label") or ""):
+        if node.get_name().strip('"') in mx_ops:
             node.set("fillcolor", "orange")
             node.set("style", "filled")
-    data = graph.create_svg() if path.suffix == ".svg" else graph.create_png()
-    path.write_bytes(data)
+    if path.suffix == ".dot":
+        path.write_text(graph.to_string())
+    else:
+        path.write_bytes(graph.create_svg() if path.suffix == ".svg" else graph.create_png())
     return path
 
 

@@ -26,6 +26,7 @@ import sys
 import torch
 from torch import Tensor
 
+from mxfx.errors import FormatError
 from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, ElementFormat, get_format
 
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
@@ -77,7 +78,7 @@ def shared_exponent(amax_bits: Tensor, fmt: ElementFormat, scale_mode: str) -> T
         quotient = amax_bits.view(torch.float32) / fmt.max_normal
         exp = _ceil_log2_bits(quotient.view(torch.int32))
     else:  # validated by the callers; kept for direct use
-        raise ValueError(f"unknown scale mode {scale_mode!r}")
+        raise FormatError(f"unknown scale mode {scale_mode!r}; valid: {', '.join(SCALE_MODES)}")
     code = exp.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX) + E8M0_BIAS
     return torch.where(efield == 0xFF, E8M0_NAN, code).to(torch.uint8)
 
@@ -148,7 +149,7 @@ def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed:
         # where(), not whole + 0, so that a negative value rounding to zero stays -0.0
         rounded = torch.where(up, whole + torch.where(multiple < 0, -1.0, 1.0), whole)
     else:
-        raise ValueError(f"unknown rounding {rounding!r}")
+        raise FormatError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
     return rounded, quantum
 
 

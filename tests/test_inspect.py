@@ -126,14 +126,35 @@ def test_load_in_a_fresh_process_is_bitwise_equal(tmp_path):
     assert result.stdout.strip().endswith("OK"), result.stderr[-2000:]
 
 
-def test_draw_needs_graphviz_or_draws(tmp_path):
+def test_draw_dot_highlights_exactly_the_mxfx_ops(tmp_path):
+    pydot = pytest.importorskip("pydot")  # in the test extra: skipped only outside it
     _, _, prepared = prepared_gpt()
-    try:
-        path = mxfx.draw(prepared, tmp_path / "g.svg")
-    except mxfx.MXFXError as error:
-        assert "graphviz" in str(error).lower() or "pydot" in str(error)
-    else:
-        assert path.read_text().lstrip().startswith(("<?xml", "<svg"))
+    path = mxfx.draw(prepared, tmp_path / "g.dot")
+    graph = pydot.graph_from_dot_data(path.read_text())[0]
+    orange = {n.get_name().strip('"') for n in graph.get_nodes() if n.get("fillcolor") == "orange"}
+    mx_ops = {n.name for n in prepared.graph.nodes if str(n.target).startswith("mxfx.")}
+    assert len(mx_ops) == 10 and orange == mx_ops  # 8 linears, 2 attentions
+    with pytest.raises(mxfx.MXValueError, match=r"\.dot, \.svg or \.png"):
+        mxfx.draw(prepared, tmp_path / "g.jpg")
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="Graphviz's dot program is not installed")
+def test_draw_svg(tmp_path):
+    pytest.importorskip("pydot")
+    _, _, prepared = prepared_gpt()
+    text = mxfx.draw(prepared, tmp_path / "g.svg").read_text()
+    assert text.lstrip().startswith(("<?xml", "<svg")) and "mxfx.linear" in text
+
+
+def test_draw_names_what_is_missing(tmp_path, monkeypatch):
+    _, _, prepared = prepared_gpt()
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(mxfx.MissingDependencyError, match="apt-get install graphviz") as error:
+        mxfx.draw(prepared, tmp_path / "g.svg")
+    assert isinstance(error.value, ImportError)
+    monkeypatch.setitem(sys.modules, "pydot", None)  # import pydot raises ImportError
+    with pytest.raises(mxfx.MissingDependencyError, match="pip install"):
+        mxfx.draw(prepared, tmp_path / "g.dot")
 
 
 def run_cli(*args, cwd=None):

@@ -128,10 +128,17 @@ def test_stochastic_rounding_is_seeded_and_unbiased(name):
     down = mxfx.fake_quantize(x, name, rounding="toward_zero")
     up_or_down = (a == down) | (a.abs() > down.abs())
     assert up_or_down.all()
-    # unbiased: the mean error over many draws is far below the deterministic error
-    y = torch.full((1, 32 * 2048), 0.3) * torch.tensor([1.0] + [0.01] * 31).repeat(2048)
-    mean = mxfx.fake_quantize(y, name, rounding="stochastic").reshape(-1, 32)[:, 0].mean()
-    assert abs(mean.item() - 0.3) < 0.3 * 0.01
+    # unbiased: v = 1 + 0.3 q lies between the grid points 1 and 1 + q (q = 2^-mbits: the block max
+    # in [1, 2) gets scale 2^-emax, OCP MX v1.0 §6.3), so any deterministic rounding is off by
+    # >= 0.3 q. Over 2048 draws the mean of an unbiased rounding is within 0.05 q of v (the
+    # standard error is sqrt(0.21 / 2048) q ~ 0.01 q: 5 sigma).
+    q = 2.0 ** -mxfx.get_format(name).mbits
+    v = 1.0 + 0.3 * q
+    y = (torch.tensor([v] + [0.01] * 31)).repeat(2048)[None]
+    draws = mxfx.fake_quantize(y, name, rounding="stochastic").reshape(-1, 32)[:, 0].double()
+    assert set(draws.tolist()) == {1.0, 1.0 + q}
+    assert abs(draws.mean().item() - v) < 0.05 * q
+    assert abs(mxfx.fake_quantize(y, name)[0, 0].item() - v) >= 0.3 * q - 1e-9  # what the bound rules out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -150,3 +157,14 @@ def test_pow2_floor_every_fp32_mantissa_and_binades():
     for exponent in (-126, -20, 0, 1, 15, 100):
         a = ((exponent + 127) << 23 | mantissas).view(torch.float32)
         assert (_pow2_floor(a) == 2.0**exponent).all(), exponent
+
+
+def test_reference_math_rejects_unknown_modes_with_format_error():
+    """The numerics functions are public reference math: a bad mode is an MXFXError, not a bare ValueError."""
+    from mxfx import numerics
+
+    fmt = mxfx.get_format("fp8_e4m3")
+    with pytest.raises(mxfx.FormatError, match="unknown scale mode 'nearest'; valid: floor"):
+        numerics.shared_exponent(torch.ones(4, dtype=torch.int32), fmt, "nearest")
+    with pytest.raises(mxfx.FormatError, match="unknown rounding 'up'; valid: even"):
+        numerics.round_elements(torch.ones(4), fmt, "up")

@@ -28,7 +28,21 @@ def sample_args():
             (torch.randn(3, 64), codes, scales, None, "fp6_e3m2", 32, 64, "", 32, "floor", "even"),
         ],
         torch.ops.mxfx.matmul.default: [(a_codes, a_scales, "fp8_e4m3", 32, codes, scales, "fp6_e3m2", 32, 64, torch.float32)],
+        torch.ops.mxfx.attention.default: attention_args(),
     }
+
+
+def attention_args():
+    """(q, k, v, mask, is_causal, scale, enable_gqa, q/k/v/p specs): causal 4-D, a float mask with a
+    scale and grouped-query heads, a boolean 3-D mask, and a bf16 call with no operand quantized."""
+    q, k, v = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 8)
+    fp8, fp4 = "fp8_e4m3/16/floor/even", "fp4_e2m1/8/ceil/even"
+    return [
+        (q, k[..., :10, :], v[..., :10, :], None, True, None, False, fp8, fp8, fp8, fp8),
+        (q, k[:, :2], v[:, :2], torch.randn(10, 12), False, 0.3, True, fp4, fp8, "", fp4),
+        (q[0], k[0], v[0], torch.rand(4, 10, 12) > 0.2, False, None, False, "", fp8, fp4, ""),
+        (q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False, None, False, "", "", "", ""),
+    ]
 
 
 @pytest.mark.parametrize("op", list(sample_args()), ids=lambda op: str(op))

@@ -55,7 +55,10 @@ def test_minilm_every_format_and_attention(minilm):
             results[fmt, attention] = (pretrained.embed(prepared, tokenizer, texts) * reference).sum(-1).mean().item()
     assert results["int8", None] > 0.998  # an independent implementation measured 0.9993
     assert 0.85 < results["fp4_e2m1", None] < 0.97  # measured 0.925
-    assert results["int8", r".*attention\.self"] > 0.99
+    assert results["int8", r".*attention\.self"] > 0.99  # measured 0.9991
+    # MXFP4 on Q, K, V and P costs accuracy on top of the linears (measured 0.915 vs 0.932): a
+    # result no lower than the linears alone would mean the attention sites were not quantized
+    assert 0.85 < results["fp4_e2m1", r".*attention\.self"] < results["fp4_e2m1", None] - 0.005
 
 
 @pytest.mark.slow
@@ -72,8 +75,10 @@ def test_smollm2_perplexity_int8_and_e4m3():
         prepared = mxfx.prepare(model, linears(fmt, skip_lm_head=True), (windows[:1],))
         assert sum(1 for s in prepared.mxfx_report.sites if s.kind == "linear" and s.rule == 1) == 210
         change[fmt] = pretrained.perplexity(prepared, windows) / base - 1
-    assert change["int8"] < 0.02
-    assert change["fp8_e4m3"] < 0.12
     attention = mxfx.prepare(model, linears("fp8_e4m3", r".*self_attn", skip_lm_head=True), (windows[:1],))
-    assert sum(1 for s in attention.mxfx_report.sites if s.kind == "attention") == 30
-    assert pretrained.perplexity(attention, windows[:1]) < base * 1.5
+    assert sum(1 for s in attention.mxfx_report.sites if s.kind == "attention" and s.quantized) == 30
+    # every perplexity over the same four windows as the baseline
+    change["fp8_e4m3 + attention"] = pretrained.perplexity(attention, windows) / base - 1
+    assert change["int8"] < 0.02
+    assert change["fp8_e4m3"] < 0.12  # measured +8.7%
+    assert change["fp8_e4m3 + attention"] < 0.14  # measured +9.6% (base 17.47, 19.15)

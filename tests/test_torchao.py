@@ -3,7 +3,7 @@
 Differences found and documented (each asserted below, so a change on either side shows up):
 1. torchao has no INT8 element format: not compared.
 2. A block containing +-Inf: mxfx gives the NaN scale 0xFF (MX_SPEC.md's choice, as microxcaling);
-   torchao's floor/ceil/even give a finite scale and saturated elements, its rceil gives 0xFE.
+   torchao's floor/ceil/even give the finite scale 0xFF - emax and saturated elements, its rceil 0xFE.
 3. Element codes inside a NaN/Inf block: mxfx stores zeros (the block decodes to NaN anyway).
 4. Blocks whose scale is 2^-127 (code 0x00, e.g. all fp32 subnormals): torchao divides by 2^-126
    instead (it clamps the fp32 scale to the smallest normal, see its comment on pytorch#125557),
@@ -27,6 +27,8 @@ TORCHAO_DTYPES = {
     "fp6_e2m3": DTYPE_FP6_E2M3,
     "fp4_e2m1": torch.float4_e2m1fn_x2,
 }
+# The largest positive finite code of each format (448, 57344, 28, 7.5, 6), from OCP MX v1.0 §5.3.
+MAX_CODES = {"fp8_e4m3": 0x7E, "fp8_e5m2": 0x7B, "fp6_e3m2": 0x1F, "fp6_e2m3": 0x1F, "fp4_e2m1": 0x7}
 
 
 def torchao_codes(x, name, mode):
@@ -58,8 +60,11 @@ def test_bit_exact_with_torchao(name, mode, dtype):
 
     scale_diff = (ao_scales != q.scales).nonzero().tolist()
     assert scale_diff == [[0, 0]]  # difference 2: only the Inf block
-    assert q.scales[0, 0] == 0xFF and ao_scales[0, 0] == (0xFE if mode == "rceil" else ao_scales[0, 0])
-    assert ao_scales[0, 0] != 0xFF
+    # torchao reads Inf's exponent field (255) as an ordinary exponent: scale 255 - emax, and its
+    # rceil clamps to 0xFE; the Inf element saturates to the largest finite code.
+    assert q.scales[0, 0] == 0xFF
+    assert ao_scales[0, 0] == (0xFE if mode == "rceil" else 0xFF - mxfx.get_format(name).emax)
+    assert ao_codes[0, 0] == MAX_CODES[name]
 
     block_diff = (ao_codes != codes).reshape(256, 16, 32).any(-1)
     special = torch.zeros_like(block_diff)

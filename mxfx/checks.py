@@ -1,0 +1,162 @@
+"""Run-time checks on a prepared module: which MX-quantized operands hold NaN or ±Inf.
+
+A block holding NaN or ±Inf gets the NaN scale (E8M0 0xFF, OCP MX v1.0 §5.4) and decodes to NaN
+entirely, so one non-finite value wipes out up to block_size neighbours. `check_nonfinite` runs
+a prepared module once and names, for each site, the operand whose blocks that happens to:
+
+- linear: `activation` (only when the site quantizes its input) and `weight` (quantized when the
+  module was prepared: a block that held NaN or Inf then is stored as NaN now);
+- attention: `q`, `k`, `v` (each only when its spec is set) and `p`, the softmax output, when the
+  probs spec is set (a fully masked row or a NaN/Inf score makes a NaN row of P).
+
+Operands left in high precision are not checked: a NaN there is the model's own business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch import Tensor, fx
+
+from mxfx.errors import MXFXWarning, MXTypeError
+from mxfx.numerics import fake_quantize_last_axis
+from mxfx.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
+
+__all__ = ["NonFinite", "check_nonfinite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFinite:
+    """One MX-quantized operand of one site that held NaN or ±Inf in a checked run."""
+
+    site: str  # the site's fqn (what config rules match)
+    operand: str  # "activation", "weight", "q", "k", "v" or "p"
+    nan: int  # how many NaN values the operand held
+    inf: int  # how many ±Inf values
+    node: str  # the graph node that quantizes (or consumes) the operand
+
+    @property
+    def kinds(self) -> str:
+        """"NaN", "Inf" or "NaN and Inf"."""
+        return " and ".join(k for k, n in (("NaN", self.nan), ("Inf", self.inf)) if n)
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in (("NaN", self.nan), ("Inf", self.inf)) if n)
+        return f"site {self.site!r} {self.operand}: {self.kinds} ({counts}); its MX blocks decode to NaN"
+
+
+def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[NonFinite]:
+    """Run `prepared` once on (args, kwargs) and report every MX-quantized operand holding NaN or ±Inf.
+
+    Args:
+        prepared: a module from `mxfx.prepare` (or `mxfx.load`).
+        *args, **kwargs: its inputs, as for a normal call.
+
+    Returns:
+        One `NonFinite` per (site, operand), in graph order; empty when every quantized operand
+        is finite. Each is also warned (`mxfx.MXFXWarning`).
+
+    Raises:
+        MXTypeError: `prepared` is not an fx.GraphModule.
+    """
+    if not isinstance(prepared, fx.GraphModule):
+        raise MXTypeError(f"check_nonfinite takes a module from mxfx.prepare, got {type(prepared).__name__}")
+    roles = _operand_roles(prepared)
+    found: dict[tuple[str, str], NonFinite] = {}
+
+    def record(node: fx.Node, where: tuple[str, str], value: Tensor) -> None:
+        nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+        if (nan or inf) and where not in found:
+            found[where] = NonFinite(where[0], where[1], nan, inf, node.name)
+
+    class Checker(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            if node.op == "call_function":
+                for where, value in _quantized_operands(node, self.env, roles):
+                    record(node, where, value)
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Checker(prepared).run(*torch.utils._pytree.tree_leaves((args, kwargs)))
+    for finding in found.values():
+        warnings.warn(f"mxfx: {finding}", MXFXWarning, stacklevel=2)
+    return list(found.values())
+
+
+def _operand_roles(gm: fx.GraphModule) -> dict[str, tuple[Site, dict[int, str]]]:
+    """node name -> (site, {argument index: operand}) for the nodes whose arguments are the
+    operands of a site: the site's own linear node, and an explicit attention's two matmuls."""
+    roles: dict[str, tuple[Site, dict[int, str]]] = {}
+    for site in graph_sites(gm):
+        if site.kind == ATTENTION and len(site.nodes) == 2:
+            qk, pv = site.nodes
+            roles[qk] = (site, {0: "q", 1: "k"})
+            roles[pv] = (site, {0: "p", 1: "v"})
+        elif site.kind == LINEAR:
+            roles[site.node] = (site, {0: "activation", 1: "weight"})
+    return roles
+
+
+def _fallback_name(node: fx.Node) -> str:
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0] if stack else "<root>"
+
+
+def _quantized_operands(node: fx.Node, env: dict, roles: dict) -> list[tuple[tuple[str, str], Tensor]]:
+    """((site, operand), value) for each MX-quantized operand of `node` (empty for other nodes)."""
+    ops = torch.ops.mxfx
+    value = env.get
+    if node.target is ops.fake_quantize.default:
+        for user in node.users:  # which operand of which site this quantizes
+            if user.name in roles:
+                site, by_index = roles[user.name]
+                for index, arg in enumerate(user.args):
+                    if arg is node and index in by_index:
+                        return [((site.fqn, by_index[index]), value(node.args[0]))]
+        return [((_fallback_name(node), "input"), value(node.args[0]))]
+    site = site_of(node)
+    name = site.fqn if site is not None else _fallback_name(node)
+    if node.target is ops.linear.default:
+        x, _, scales = (value(a) for a in node.args[:3])
+        block, in_features = node.args[5], node.args[6]
+        nan_blocks = (scales == 0xFF).repeat_interleave(block, dim=-1)[..., :in_features]  # §5.4: 0xFF is NaN
+        out = [((name, "weight"), torch.where(nan_blocks, math.nan, 0.0))]
+        return out + ([((name, "activation"), x)] if node.args[7] else [])
+    if node.target is ops.attention.default:
+        q, k, v, mask = (value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
+        is_causal, scale, gqa, q_spec, k_spec, v_spec, p_spec = node.args[4:11]
+        out = [((name, operand), tensor) for operand, tensor, spec in
+               (("q", q, q_spec), ("k", k, k_spec), ("v", v, v_spec)) if spec]
+        if p_spec:
+            out.append(((name, "p"), _attention_probs(q, k, mask, is_causal, scale, gqa, q_spec, k_spec)))
+        return out
+    if node.target is torch.ops.aten.linear.default and site is not None and site.quantized and site.weight is not None:
+        # A simulated weight: the fake-quantized fp weight was stored when the module was prepared.
+        return [((name, "weight"), value(node.args[1]))]
+    return []
+
+
+def _spec_quantize(x: Tensor, spec: str) -> Tensor:
+    """x in fp32, fake-quantized along the last axis when `spec` ("format/block/scale/rounding") is set."""
+    x = x.to(torch.float32)
+    if not spec:
+        return x
+    fmt, block, scale_mode, rounding = spec.split("/")
+    return fake_quantize_last_axis(x, fmt, int(block), scale_mode, rounding)
+
+
+def _attention_probs(q, k, mask, is_causal, scale, enable_gqa, q_spec, k_spec) -> Tensor:
+    """P = softmax(Q K^T * scale + mask) as `mxfx::attention` computes it before quantizing P."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(_spec_quantize(q, q_spec), _spec_quantize(k, k_spec).transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.float()
+    return torch.softmax(scores, dim=-1)
