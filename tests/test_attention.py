@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bits_equal
-from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
-from mxfx.passes.quantize_attention import QuantizeAttentionPass, _einsum_axes
+from mxfx.passes.match_attention_sites import MatchAttentionSitesPass, einsum_contraction
+from mxfx.passes.quantize_attention import QuantizeAttentionPass
 
 import mxfx
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
@@ -132,11 +132,11 @@ def test_attention_passes_idempotent():
     assert not match(gm).modified and not quantize(gm).modified
 
 
-def test_einsum_axes():
-    assert _einsum_axes("bhqd,bhkd->bhqk") == (-1, -1)
-    assert _einsum_axes("bhqk,bhkd->bhqd") == (-1, -2)
-    assert _einsum_axes("...qd,...kd->...qk") == (-1, -1)
-    assert _einsum_axes("ij,jk,kl->il") is None
+def testeinsum_contraction():
+    assert einsum_contraction("bhqd,bhkd->bhqk") == (-1, -1)
+    assert einsum_contraction("bhqk,bhkd->bhqd") == (-1, -2)
+    assert einsum_contraction("...qd,...kd->...qk") == (-1, -1)
+    assert einsum_contraction("ij,jk,kl->il") is None
 
 
 def test_einsum_attention():
