@@ -103,7 +103,7 @@ def opt(impl="eager"):
 
 
 def mpnet(impl="eager"):
-    return _text("MPNetConfig", "MPNetModel", impl, **_ENCODER, relative_attention_num_buckets=8)
+    return _text("MPNetConfig", "MPNetModel", impl, **_ENCODER)  # MPNet buckets positions into 32 whatever the config says
 
 
 def _pixels(size=32, channels=3):
