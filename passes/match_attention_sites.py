@@ -217,19 +217,31 @@ def trace_scores(node, depth: int = 0) -> fx.Node | None:
     if target in _COMMUTATIVE or target in _DIVISION or target in _WHERE:
         positions = _WHERE.get(target, (0, 1))
         operands = [node.args[i] for i in positions if i < len(node.args) and isinstance(node.args[i], fx.Node)]
-        found = [(operand, product) for operand in operands if (product := trace_scores(operand, depth + 1)) is not None]
+        # The scores keep the result's shape; a broadcast operand is a scale, a mask or a bias, and
+        # is never followed (even when a matmul computes it).
+        full = [o for o in operands if _same_shape(_shape(o), _shape(node))]
+        found = [(o, product) for o in full if (product := trace_scores(o, depth + 1)) is not None]
         if not found:
+            broadcast = [o for o in operands if o not in full]
+            if any(_reaches_product(o, depth + 1) for o in broadcast):
+                raise _Rejected(CHECK_FAILED, f"only a broadcast operand of {node.name!r} carries a matmul product "
+                                              f"(the scores must keep the shape {list(_shape(node) or ())})")
             return None
         if len({product for _, product in found}) > 1:
             raise _Rejected(CHECK_FAILED, f"{node.name!r} combines the products of several matmuls "
-                                          f"({', '.join(p.name for _, p in found)}); which one is Q @ K^T is ambiguous")
+                                          f"({', '.join(p.name for _, p in found)}): which one is Q @ K^T is ambiguous")
         operand, product = found[0]
         if target in _DIVISION and operand is not node.args[0]:
             raise _Rejected(CHECK_FAILED, f"the scores are the divisor of {node.name!r}")
-        if not any(_same_shape(_shape(o), _shape(node)) for o, _ in found):
-            raise _Rejected(CHECK_FAILED, f"the scores operand of {node.name!r} is broadcast to {list(_shape(node) or ())}")
         return product
     return None
+
+
+def _reaches_product(node, depth: int) -> bool:
+    try:
+        return trace_scores(node, depth) is not None
+    except _Rejected:
+        return True
 
 
 def _trace_probs(softmax: fx.Node) -> list[tuple[fx.Node, fx.Node]]:

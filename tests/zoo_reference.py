@@ -45,7 +45,8 @@ SDPA_OPS = {aten.scaled_dot_product_attention.default}
 _PARAM_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
                 aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.expand.default, aten.unsqueeze.default,
                 aten.contiguous.default, aten.clone.default, aten.detach.default, aten.alias.default,
-                aten._to_copy.default, aten.to.dtype, aten.chunk.default, aten.split.Tensor, aten.unbind.int}
+                aten._to_copy.default, aten.to.dtype, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default,
+                aten.unbind.int}
 
 
 def _tensor_args(node):
