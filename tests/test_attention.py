@@ -124,6 +124,30 @@ def test_attention_rules_and_linear_rules_together():
     assert [(s.fqn, s.rule) for s in attention_sites] == [("transformer.h.0.attn", 1), ("transformer.h.1.attn", 2)]
     assert count(prepared, "fake_quantize") == 4  # only h.0's attention; rule 2 has no attention spec
     assert count(prepared, "linear") == 8
+    # the output, against the model run with hooks: every linear but lm_head with E4M3 input and
+    # weight, and h.0's attention recomputed with E4M3 Q, K, P, V (h.1's stays in fp32)
+    def linear_hook(module, args, output):
+        return F.linear(q8(args[0]), q8(module.weight), module.bias)
+
+    def attention_hook(module, args, output):
+        x = args[0]
+        b, t, c = x.shape
+        q, k, v = (y.view(b, t, module.n_head, -1).transpose(1, 2) for y in module.c_attn(x).split(c, dim=2))
+        scores = (q8(q) @ q8(k.transpose(-2, -1), -2)) * (1.0 / math.sqrt(k.size(-1)))
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        y = q8(F.softmax(scores, dim=-1)) @ q8(v, -2)
+        return module.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    hooks = [m.register_forward_hook(linear_hook) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    hooks.append(model.transformer.h[0].attn.register_forward_hook(attention_hook))
+    with torch.no_grad():
+        want = model(idx)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        assert bits_equal(prepared(idx), want)
+        assert not bits_equal(prepared(idx), model(idx))
 
 
 def test_attention_passes_idempotent():
@@ -163,6 +187,11 @@ def test_compiled_attention_equals_eager(fresh_dynamo):
         prepared = mxfx.prepare(model, cfg, (idx,))
         torch.testing.assert_close(torch.compile(prepared, fullgraph=True)(idx), prepared(idx), rtol=1e-5, atol=1e-5)
         torch._dynamo.reset()
+    # BLOOM's baddbmm + bmm form
+    q, k, v = qkv()
+    mask = torch.zeros(2, 1, 1, 12)
+    prepared = mxfx.prepare(AlibiAttention(), attention_config(), (q, k, v, mask))
+    torch.testing.assert_close(torch.compile(prepared, fullgraph=True)(q, k, v, mask), prepared(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_export_round_trip():
