@@ -20,7 +20,9 @@ from tabulate import tabulate
 from torch import fx
 
 from mxfx.errors import ArchiveError, MXTypeError
-from mxfx.sites import site_of
+from mxfx.passes._utils import module_path
+from mxfx.passes.match_attention_sites import SOFTMAXES
+from mxfx.sites import ATTENTION, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
 
 mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
 _REPORT_FILE = "mxfx_report.json"
@@ -30,8 +32,7 @@ def _site_name(node: fx.Node) -> str:
     site = site_of(node)
     if site is not None:
         return site.fqn
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    return stack[-1][0] if stack else ""
+    return module_path(node)
 
 
 def _rule_label(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -62,10 +63,48 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None
 
 
+def _row(site: str, kind: str, rule: str, weight: str, activation: str, storage: str, status: str = QUANTIZED,
+         reason: str = "", before: int = 0, after: int = 0, bits: float | None = None) -> dict:
+    return dict(site=site, kind=kind, rule=rule, weight=weight, activation=activation, storage=storage, status=status,
+                reason=reason, weight_bytes_before=before, weight_bytes_after=after, bits_per_weight=bits)
+
+
+def _attention_halves(gm: fx.GraphModule) -> dict[str, tuple[str, Site]]:
+    """matmul node name -> ("QK^T" or "PV", its attention Site), from the explicit attention
+    sites' `nodes` (qk, pv); for a loaded module (no node annotations), from its report."""
+    halves: dict[str, tuple[str, Site]] = {}
+    annotated = [site for site in graph_sites(gm) if site.kind == ATTENTION]
+    report = getattr(gm, "mxfx_report", None)
+    for site in annotated or (report.sites if report is not None else ()):
+        if site.kind == ATTENTION and len(site.nodes) == 2:
+            halves[site.nodes[0]] = ("QK^T", site)
+            halves[site.nodes[1]] = ("PV", site)
+    return halves
+
+
+# Between a softmax and the P.V matmul (for a loaded module whose node names differ from the report's).
+_PROBS_PASS_THROUGH = (mxfx_ops.fake_quantize.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
+                       aten.type_as.default, aten.clone.default, aten.contiguous.default)
+
+
+def _reads_softmax(node: Any, depth: int = 6) -> bool:
+    for _ in range(depth):
+        if not (isinstance(node, fx.Node) and node.op == "call_function"):
+            return False
+        if node.target in SOFTMAXES:
+            return True
+        if node.target not in _PROBS_PASS_THROUGH:
+            return False
+        node = node.args[0]
+    return False
+
+
 def site_rows(gm: fx.GraphModule) -> list[dict]:
-    """One dict per quantized or skipped site, read from the graph's mxfx ops and their arguments."""
+    """One dict per site: the quantized ones read from the graph's mxfx ops and their arguments
+    (and their Site), then every site left in high precision with its status and reason."""
     rows: list[dict] = []
     seen_weights: set[int] = set()
+    halves = _attention_halves(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -79,46 +118,57 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
                 seen_weights.add(id(code_t))
                 after = code_t.nbytes + scale_t.nbytes
             before = out_features * in_features * dtype.itemsize if after else 0
-            rows.append(dict(site=_site_name(node), kind="linear", rule=_rule_label(gm, node),
-                             weight=_spec_text(wfmt, wblock), activation=_spec_text(afmt, ablock, amode, arnd),
-                             storage="packed", weight_bytes_before=before, weight_bytes_after=after,
-                             bits_per_weight=round(8 * after / (out_features * in_features), 3) if after else None))
-        elif node.target is aten.linear.default and "mxfx_qdq" in node.meta:  # simulated weights
-            done = node.meta["mxfx_qdq"]
-            w, a = done["weight"], done["activation"]
+            rows.append(_row(_site_name(node), "linear", _rule_label(gm, node), _spec_text(wfmt, wblock),
+                             _spec_text(afmt, ablock, amode, arnd), "packed", before=before, after=after,
+                             bits=round(8 * after / (out_features * in_features), 3) if after else None))
+        elif node.target is aten.linear.default and (site := _quantized_site(gm, node)) is not None:
+            # quantized with simulated weights, or activation only: the specs are on the Site
+            w, a = site.weight, site.activation
             weight = node.args[1].meta["val"]
-            rows.append(dict(site=_site_name(node), kind="linear", rule=_rule_label(gm, node),
-                             weight=w.describe().replace("/b", "/") if w else "-",
-                             activation=a.describe().replace("/b", "/") if a else "-", storage=done["storage"],
-                             weight_bytes_before=weight.numel() * weight.dtype.itemsize,
-                             weight_bytes_after=weight.numel() * weight.dtype.itemsize,
-                             bits_per_weight=float(8 * weight.dtype.itemsize)))
+            nbytes = weight.numel() * weight.dtype.itemsize
+            rows.append(_row(site.fqn, "linear", _rule_label(gm, node),
+                             w.describe().replace("/b", "/") if w else "-", a.describe().replace("/b", "/") if a else "-",
+                             site.weight_storage or "-", before=nbytes, after=nbytes,
+                             bits=float(8 * weight.dtype.itemsize)))
         elif node.target is mxfx_ops.attention.default:
             specs = [("-" if not s else _spec_text(*s.split("/")[:2])) for s in node.args[7:11]]
-            rows.append(dict(site=_site_name(node), kind="attention (sdpa)", rule=_rule_label(gm, node),
-                             weight="-", activation=f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}",
-                             storage="-", weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+            rows.append(_row(_site_name(node), "attention (sdpa)", _rule_label(gm, node), "-",
+                             f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}", "-"))
         elif node.target in (aten.matmul.default, aten.bmm.default, aten.einsum.default):
             operands = list(node.args[1]) if node.target is aten.einsum.default else list(node.args[:2])
             quantized = [o for o in operands if isinstance(o, fx.Node) and o.target is mxfx_ops.fake_quantize.default]
             if quantized:
-                is_pv = any(o.args[0].target in (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-                            for o in quantized if isinstance(o.args[0], fx.Node))
+                half, site = halves.get(node.name, (None, None))
+                if half is None:
+                    half = "PV" if _reads_softmax(operands[0]) else "QK^T"
                 text = ", ".join(_spec_text(o.args[1], o.args[2], o.args[4], o.args[5]) for o in quantized)
-                rows.append(dict(site=_site_name(node), kind="PV" if is_pv else "QK^T", rule="-", weight="-",
-                                 activation=text, storage="-", weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+                rule = site.rule_label.split(" in ")[0] if site is not None and site.rule is not None else "-"
+                rows.append(_row(site.fqn if site is not None else _site_name(node), half, rule, "-", text, "-"))
     report = getattr(gm, "mxfx_report", None)
     if report is not None:
         for site in report.unquantized:
-            rows.append(dict(site=site.fqn, kind=site.kind, rule="(no rule)" if site.rule is None else "-",
-                             weight="high precision", activation="high precision", storage="-",
-                             weight_bytes_before=0, weight_bytes_after=0, bits_per_weight=None))
+            rows.append(_row(site.fqn, site.kind, site.rule_label.split(" in ")[0] if site.rule is not None else "(no rule)",
+                             "high precision", "high precision", "-", status=site.status, reason=site.reason))
     return rows
+
+
+def _quantized_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    """The quantized linear Site of an `aten.linear` node (by annotation, or for a loaded module
+    by the report's site of that name), or None."""
+    site = site_of(node)
+    if site is None:
+        report = getattr(gm, "mxfx_report", None)
+        site = next((s for s in report.sites if s.fqn == _site_name(node) and s.kind == LINEAR), None) if report else None
+    return site if site is not None and site.kind == LINEAR and site.quantized else None
 
 
 @dataclasses.dataclass
 class Summary:
-    """Per-site rows and totals; renders as a table, Markdown, CSV or JSON."""
+    """Per-site rows and totals; renders as a table, Markdown, CSV or JSON.
+
+    Each row has the site, kind, rule, formats, storage, `status` (quantized, skipped, no rule,
+    unsupported, check failed) and `reason` (why a site stays in high precision); the totals
+    count the sites of each status and the model's bytes before and after."""
 
     rows: list[dict]
     totals: dict
@@ -147,15 +197,20 @@ class Summary:
 
 
 def summary(prepared: fx.GraphModule) -> Summary:
-    """The per-site summary of a prepared (or loaded) module: formats, rule, bytes before/after."""
+    """The per-site summary of a prepared (or loaded) module: formats, rule, bytes before/after,
+    and every site left in high precision with its status and reason."""
     if not isinstance(prepared, fx.GraphModule):
         raise MXTypeError(f"summary takes a module from mxfx.prepare or mxfx.load, got {type(prepared).__name__}")
     rows = site_rows(prepared)
-    quantized = [r for r in rows if r["weight"] != "high precision"]
+    report = getattr(prepared, "mxfx_report", None)
+    if report is not None:
+        statuses = [site.status for site in report.sites]
+    else:  # no report: count the graph's quantized sites (an explicit attention's QK^T and PV rows are one)
+        statuses = [r["status"] for r in rows if r["kind"] != "PV"]
     model_before = sum(p.nbytes for p in prepared.parameters()) + sum(r["weight_bytes_before"] for r in rows)
     model_after = sum(p.nbytes for p in prepared.parameters()) + sum(b.nbytes for b in prepared.buffers())
-    totals = {"quantized sites": len(quantized), "skipped sites": len(rows) - len(quantized),
-              "model bytes before": model_before, "model bytes after": model_after}
+    totals = {f"{status} sites": statuses.count(status) for status in STATUSES}
+    totals |= {"model bytes before": model_before, "model bytes after": model_after}
     return Summary(rows, totals)
 
 

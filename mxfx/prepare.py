@@ -21,14 +21,14 @@ from torch import fx
 from mxfx.config import QuantConfig, load_config
 from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
 from mxfx.export import export
-from mxfx.passes._utils import MXFX_META, mxfx_meta
+from mxfx.passes._utils import MXFX_META, module_path, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
-from mxfx.passes.match_attention_sites import MatchAttentionSitesPass
+from mxfx.passes.match_attention_sites import SDPA, MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
-from mxfx.sites import Site, graph_sites, site_of
+from mxfx.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,8 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[str]:
         def run_node(self, node):
             if node.op == "call_function" and node.target in quantizing:
                 x = self.env[node.args[0]]
-                stack = list((node.meta.get("nn_module_stack") or {}).values())
                 record = site_of(node)
-                site = record.fqn if record is not None else (stack[-1][0] if stack else "<root>")
+                site = record.fqn if record is not None else (module_path(node) or "<root>")
                 if not torch.isfinite(x).all():
                     found.append(site)
                     warn_if_infinite(x.nan_to_num(nan=float("inf")), f"the input of MX site {site!r}")
@@ -179,6 +178,7 @@ def pipeline(config: QuantConfig) -> list:
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
+    _record_unrewritten_attention(gm)
     sites = tuple(graph_sites(gm))
     counts = [0] * len(config.rules)
     for site in sites:
@@ -187,5 +187,61 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
     for index, count in enumerate(counts):
         if count == 0:
             warnings.warn(f"mxfx: {config.rule_label(index)} matched no site", MXFXWarning, stacklevel=3)
+    _warn_left_out(sites, config)
     rewrites = dict(mxfx_meta(gm)["rewrites"])
     return PrepareReport(sites, tuple((config.rule_label(i), c) for i, c in enumerate(counts)), rewrites)
+
+
+def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
+    """An attention site a rule quantizes that the attention pass left as it was is recorded
+    UNSUPPORTED with the reason, not QUANTIZED: an SDPA call with dropout_p > 0 (mxfx.attention
+    has no dropout), or an explicit form whose matmuls got no quantized operand (an einsum the
+    pass does not handle)."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        site = site_of(node)
+        if site is None or site.kind != ATTENTION or not site.quantized:
+            continue
+        if node.target is SDPA:
+            args = dict(zip((a.name for a in SDPA._schema.arguments), node.args)) | dict(node.kwargs)
+            dropout = args.get("dropout_p", 0.0)
+            why = (f"scaled_dot_product_attention with dropout_p={dropout} (a training-mode graph): mxfx.attention "
+                   "has no dropout; export the model in eval mode" if dropout else
+                   "the attention pass left this SDPA call unchanged")
+        elif site.nodes and not any(_has_quantized_operand(by_name.get(name)) for name in site.nodes):
+            why = "the attention pass quantized neither matmul (a form it does not handle, e.g. this einsum)"
+        else:
+            continue
+        annotate(node, dataclasses.replace(site, status=UNSUPPORTED, reason=why, attention=None))
+
+
+def _has_quantized_operand(matmul: fx.Node | None) -> bool:
+    if matmul is None:
+        return False
+    operands = matmul.args[1] if matmul.target is torch.ops.aten.einsum.default else matmul.args[:2]
+    return any(isinstance(o, fx.Node) and o.target is torch.ops.mxfx.fake_quantize.default for o in operands)
+
+
+def _warn_left_out(sites: tuple[Site, ...], config: QuantConfig) -> None:
+    """Warn once when sites the config asked to quantize were left in high precision.
+
+    A site is *asked for* when the first rule matching its name quantizes its kind (a linear rule
+    with a weight or activation spec, an attention rule with an operand spec): `match = ".*"`
+    asks for every site. Such a site that mxfx could not quantize (UNSUPPORTED, CHECK_FAILED)
+    warns; a site a rule skips, or that no rule matches, does not.
+    """
+    left_out = []
+    for site in sites:
+        if site.status not in (UNSUPPORTED, CHECK_FAILED) or site.rule is None:
+            continue
+        rule = config.rules[site.rule]
+        if rule.quantizes_linear if site.kind == LINEAR else rule.quantizes_attention:
+            left_out.append(site)
+    if not left_out:
+        return
+    by_status = ", ".join(f"{sum(s.status == status for s in left_out)} {status}"
+                          for status in (UNSUPPORTED, CHECK_FAILED) if any(s.status == status for s in left_out))
+    first = "; ".join(f"{s.fqn} ({s.kind} {s.form}: {s.reason})" for s in left_out[:3])
+    more = f"; and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    warnings.warn(f"mxfx: {len(left_out)} site(s) the config asks to quantize were left in high precision "
+                  f"({by_status}): {first}{more}. See prepared.mxfx_report.unquantized.", MXFXWarning, stacklevel=4)

@@ -175,7 +175,7 @@ def _base_graph(model, example: tuple, strict: bool) -> fx.GraphModule:
 
 
 def _linear_sites(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if (site := site_of(n)) is not None and site.kind == LINEAR]
+    return [n for n in gm.graph.nodes if (site := site_of(n)) is not None and site.kind == LINEAR and site.supported]
 
 
 def _site_config(quantized: dict[str, str], block_size: int, activations: bool) -> QuantConfig:

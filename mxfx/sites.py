@@ -11,7 +11,9 @@ node-metadata strings or another module's privates.
     for site in prepared.mxfx_report.sites: print(site.fqn, site.kind, site.status)
 
 A site mxfx saw but did not quantize keeps a record too, with its status and reason, so that
-nothing is missed in silence (`Site.quantized`, `PrepareReport.unquantized`).
+nothing is missed in silence (`Site.quantized`, `Site.supported`, `PrepareReport.unquantized`):
+a product with a parameter operand in a form mxfx does not rewrite is UNSUPPORTED, one whose
+shape/axis check failed is CHECK_FAILED (both annotate the product node itself).
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ class Site:
     @property
     def quantized(self) -> bool:
         return self.status == QUANTIZED
+
+    @property
+    def supported(self) -> bool:
+        """Whether mxfx can quantize this site (its form is rewritten and checked): False for
+        UNSUPPORTED and CHECK_FAILED records, which stay in the graph as they were."""
+        return self.status not in (UNSUPPORTED, CHECK_FAILED)
 
     @property
     def weight_numel(self) -> int:

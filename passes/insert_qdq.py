@@ -3,8 +3,11 @@
 Activations get a dynamic `mxfx.fake_quantize` (quantize -> dequantize in one op, blocked along
 in_features). Weights are quantized once, here: with `weight_storage = "packed"` the module keeps
 only uint8 codes + E8M0 scales and an `mxfx.dequantize` node feeds the linear (the fp weight is
-dropped); with "simulated" it keeps the fake-quantized fp weight. A weight shared by several
-linears (tied weights) is quantized once per spec.
+dropped); with "simulated" it keeps the fake-quantized fp weight. A weight read through a chain
+of views, slices or casts (GPT-2's `Conv1D` weight transposed, a slice of a packed
+`in_proj_weight`, `W.to(dtype)`) is materialised first: the chain is evaluated on the real tensor
+and the (out_features, in_features) result is quantized along in_features (the reduction axis).
+A weight shared by several linears (tied weights) is quantized once per expression and spec.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from mxfx.passes._utils import count_rewrites, create_call, create_get_attr, fake_mode_of, finish
+from mxfx.passes._utils import (
+    QDQ_DONE_META,
+    chain_key,
+    count_rewrites,
+    create_call,
+    create_get_attr,
+    evaluate_chain,
+    fake_mode_of,
+    finish,
+)
 from mxfx.passes.match_linear_sites import linear_weight
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -23,7 +35,7 @@ from mxfx.sites import site_of
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx
-DONE_META = "mxfx_qdq"  # node.meta key: the specs applied to this linear
+DONE_META = QDQ_DONE_META  # node.meta key: this linear has its Q/DQ (the specs are on its Site)
 
 
 def spec_args(spec: MXSpec, axis: int = -1) -> tuple:
@@ -55,9 +67,10 @@ class InsertQDQPass(PassBase):
         rewrites = 0
         for node in list(gm.graph.nodes):
             site = site_of(node)
-            weight = linear_weight(node)
-            if site is None or weight is None or not site.quantized or DONE_META in node.meta:
+            found = linear_weight(node)
+            if site is None or found is None or not site.quantized or DONE_META in node.meta:
                 continue
+            attr, chain = found
             rule = self.config.rules[site.rule]
             with gm.graph.inserting_before(node):
                 if rule.activation is not None:
@@ -65,13 +78,14 @@ class InsertQDQPass(PassBase):
                     fq = create_call(gm, mxfx_ops.fake_quantize.default, (x, *spec_args(rule.activation)), node, fake_mode)
                     node.update_arg(0, fq)
                 if rule.weight is not None:
-                    key = (weight.target, rule.weight, rule.weight_storage)
+                    key = (attr.target, chain_key(chain), rule.weight, rule.weight_storage)
                     if key not in quantized_weights:
-                        quantized_weights[key] = self._quantize_weight(gm, weight, rule.weight, rule.weight_storage, len(quantized_weights))
+                        quantized_weights[key] = self._quantize_weight(gm, attr, chain, rule.weight, rule.weight_storage,
+                                                                       len(quantized_weights))
                     names = quantized_weights[key]
                     attrs = [create_get_attr(gm, name, fake_mode) for name in names]
                     if rule.weight_storage == "packed":
-                        w = weight.meta["val"]
+                        w = node.args[1].meta["val"]
                         new_weight = create_call(
                             gm, mxfx_ops.dequantize.default,
                             (attrs[0], attrs[1], rule.weight.format, rule.weight.block_size, -1, list(w.shape), w.dtype),
@@ -80,8 +94,8 @@ class InsertQDQPass(PassBase):
                     else:
                         new_weight = attrs[0]
                     node.update_arg(1, new_weight)
-                    replaced_targets.add(weight.target)
-            node.meta[DONE_META] = {"weight": rule.weight, "activation": rule.activation, "storage": rule.weight_storage}
+                    replaced_targets.add(attr.target)
+            node.meta[DONE_META] = True
             rewrites += 1
             log.debug("inserted MX Q/DQ at %s (%s)", site.fqn, site.rule_label)
         if rewrites:
@@ -94,10 +108,12 @@ class InsertQDQPass(PassBase):
         return PassResult(gm, rewrites > 0)
 
     @staticmethod
-    def _quantize_weight(gm: fx.GraphModule, weight: fx.Node, spec: MXSpec, storage: str, index: int) -> tuple[str, ...]:
-        tensor = gm.get_parameter(weight.target) if _is_parameter(gm, weight.target) else gm.get_buffer(weight.target)
-        tensor = tensor.detach()
-        stem = f"mxfx_w{index}_" + str(weight.target).replace(".", "_")
+    def _quantize_weight(gm: fx.GraphModule, attr: fx.Node, chain: list[fx.Node], spec: MXSpec, storage: str,
+                         index: int) -> tuple[str, ...]:
+        tensor = gm.get_parameter(attr.target) if _is_parameter(gm, attr.target) else gm.get_buffer(attr.target)
+        # the (out_features, in_features) weight the linear reads, computed once here
+        tensor = evaluate_chain(tensor.detach(), attr, chain).contiguous()
+        stem = f"mxfx_w{index}_" + str(attr.target).replace(".", "_")
         if storage == "packed":
             data = api.quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
                                 scale_mode=spec.scale_mode, rounding=spec.rounding)

@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
-from mxfx.passes._utils import count_rewrites, linear_site_name
+from mxfx.passes._utils import QDQ_DONE_META, count_rewrites, linear_site_name, weight_chain
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import QuantConfig
-from mxfx.sites import LINEAR, Site, annotate, decide
+from mxfx.sites import CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, decide, site_of
 
 log = logging.getLogger(__name__)
 
 
-def linear_weight(node: fx.Node):
-    """The get_attr weight of an `aten.linear` node, or None if it is not a linear layer."""
+def linear_weight(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(get_attr, chain) of an `aten.linear` node whose weight is a 2-D constant expression of
+    one parameter or buffer (`_utils.weight_chain`), or None if it is not a linear site."""
     if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
         return None
     weight = node.args[1]
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.meta["val"].dim() == 2:
-        return weight
-    return None
+    if not isinstance(weight, fx.Node) or weight.meta["val"].dim() != 2:
+        return None
+    return weight_chain(weight)
 
 
 class MatchLinearSitesPass(PassBase):
-    """Annotate each `aten.linear` whose weight is a module attribute with its site and rule.
+    """Annotate each `aten.linear` whose weight is a parameter expression with its site and rule.
 
     Requires: linears canonicalized to `aten.linear` (CanonicalizeLinearPass), nn_module_stack.
-    Ensures: a `mxfx.sites.Site` on every linear site (status NO_RULE: no rule matched); the
+    Ensures: a `mxfx.sites.Site` on every linear site (status from the first matching rule,
+    NO_RULE if none); candidates CanonicalizeLinearPass left UNSUPPORTED / CHECK_FAILED keep
+    their status and get the rule that would have decided them (for prepare's warning); the
     graph itself is unchanged; `modified` is True only when an annotation was added or changed.
     """
 
@@ -39,13 +43,20 @@ class MatchLinearSitesPass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = 0
         for node in gm.graph.nodes:
-            weight = linear_weight(node)
-            if weight is None or node.meta.get("mxfx_lowered"):
+            old = site_of(node)
+            if old is not None and old.kind == LINEAR and old.status in (UNSUPPORTED, CHECK_FAILED):
+                fields = decide(self.config, old.fqn, LINEAR)
+                changed += annotate(node, dataclasses.replace(old, rule=fields["rule"], rule_label=fields["rule_label"]))
                 continue
-            fqn = linear_site_name(node, weight)
-            site = Site(fqn=fqn, kind=LINEAR, form="linear", node=node.name, weight_target=str(weight.target),
-                        weight_shape=tuple(weight.meta["val"].shape), **decide(self.config, fqn, LINEAR))
+            found = linear_weight(node)
+            if found is None or node.meta.get("mxfx_lowered") or QDQ_DONE_META in node.meta:
+                continue
+            attr, chain = found
+            fqn = linear_site_name(node, attr, chain)
+            form = old.form if old is not None and old.kind == LINEAR else "linear"
+            site = Site(fqn=fqn, kind=LINEAR, form=form, node=node.name, weight_target=str(attr.target),
+                        weight_shape=tuple(node.args[1].meta["val"].shape), **decide(self.config, fqn, LINEAR))
             changed += annotate(node, site)
-            log.debug("linear site %s -> %s", fqn, site.status)
+            log.debug("linear site %s (%s) -> %s", fqn, form, site.status)
         count_rewrites(gm, type(self).__name__, changed)
         return PassResult(gm, changed > 0)

@@ -45,6 +45,44 @@ def test_summary_rows_totals_and_formats():
     assert linear[0]["rule"] == "rule 2 ('.*')"
 
 
+class DropoutCastAttention(torch.nn.Module):
+    """Explicit attention with a dropout and a cast between the softmax and P @ V."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, q, k, v):
+        att = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.drop(att).to(v.dtype) @ v
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = DropoutCastAttention()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def attention_config():
+    return QuantConfig((Rule(match=".*attn", attention=AttentionSpec(E4M3, E4M3, E4M3, E4M3)),))
+
+
+def test_explicit_attention_rows_are_labelled_qk_and_pv_from_the_site():
+    torch.manual_seed(0)
+    model, idx = NanoGPT(n_layer=2, flash=False), torch.randint(0, 256, (2, 16))
+    rows = mxfx.summary(mxfx.prepare(model, attention_config(), (idx,))).rows
+    attention = [(r["site"], r["kind"], r["rule"]) for r in rows if r["kind"] in ("QK^T", "PV")]
+    assert attention == [(f"transformer.h.{i}.attn", half, "rule 0 ('.*attn')") for i in range(2) for half in ("QK^T", "PV")]
+    q = torch.randn(1, 2, 8, 32)
+    prepared = mxfx.prepare(Wrapped(), attention_config(), (q, q, q))
+    summary = mxfx.summary(prepared)
+    assert [r["kind"] for r in summary.rows] == ["QK^T", "PV"]
+    assert summary.totals["quantized sites"] == 1
+
+
 def test_graph_text_is_small_and_annotated():
     _, _, prepared = prepared_gpt()
     text = mxfx.graph_text(prepared)
@@ -123,6 +161,7 @@ def test_cli_formats_quantize_inspect_and_exit_codes(tmp_path):
     assert result.returncode == 0, result.stderr
     result = run_cli("inspect", str(out), "--graph", "--format", "json")
     assert result.returncode == 0 and '"quantized sites": 3' in result.stdout and "# MX @ net.0" in result.stdout
+    assert '"status": "quantized"' in result.stdout and '"unsupported sites": 0' in result.stdout
     result = run_cli("quantize", "cli_models:mlp", "--config", "no_such_preset", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 1 and "ConfigError" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()[-1]) < 400
