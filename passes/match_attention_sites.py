@@ -161,10 +161,13 @@ def _check_product(node: fx.Node, role: str) -> tuple[int, int]:
     if form == "einsum":
         parts, axes = _einsum_parts(node.args[0]), einsum_contraction(node.args[0])
         if parts is None or axes is None or len(parts[2]) < 2:
-            raise _Rejected(UNSUPPORTED, f"{role} einsum {node.args[0]!r} is not a two-operand product with one contracted index")
+            raise _Rejected(UNSUPPORTED, f"{role} einsum {node.args[0]!r} is not a two-operand product with one "
+                                         "contracted index and an explicit output ('->')")
         la, lb, lo = parts
-        # [..., L, D] x [..., S, D] -> [..., L, S]: L only in the left term, S only in the right one
-        if not (lo[-2] in la and lo[-2] not in lb and lo[-1] in lb and lo[-1] not in la):
+        # QK^T: [..., L, D] x [..., S, D] -> [..., L, S], L only in the left term, S only in the
+        # right one (the softmax axis is then the key axis). PV: the probabilities' last (key) axis
+        # is the contracted one; the output layout does not matter.
+        if role == "QK^T" and not (lo[-2] in la and lo[-2] not in lb and lo[-1] in lb and lo[-1] not in la):
             raise _Rejected(CHECK_FAILED, f"{role} einsum {node.args[0]!r} does not give [..., L, S] from its operands")
         if role == "PV" and axes[0] != -1:
             raise _Rejected(CHECK_FAILED, f"PV einsum {node.args[0]!r} does not contract the probabilities' key axis")
