@@ -138,7 +138,7 @@ def whisper(impl="eager"):
 
 
 def swin(impl="eager"):
-    model = _hf("SwinConfig", "SwinModel", impl, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+    model = _hf("SwinConfig", "SwinModel", impl, image_size=32, patch_size=4, embed_dim=16, depths=[2, 1],
                 num_heads=[2, 2], window_size=4, mlp_ratio=2.0)
     return model, (_pixels(),), {}
 
