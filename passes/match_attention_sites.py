@@ -41,7 +41,6 @@ SOFTMAXES = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default
 # its `input` term is an additive bias, `alpha`/`beta` scales.
 PRODUCTS = {aten.matmul.default: "matmul", aten.bmm.default: "bmm", aten.baddbmm.default: "baddbmm",
             aten.einsum.default: "einsum"}
-MATMULS = tuple(PRODUCTS)  # kept for callers of the old name
 
 # Scores-path ops whose first argument carries the scores elementwise (casts, clamps, soft-capping,
 # masked_fill: its mask and fill value are never followed).

@@ -227,6 +227,15 @@ def prepare_one(model, *args):
     return prepared, sites[0]
 
 
+def assert_idempotent(prepared):
+    """Matching and quantizing again changes nothing (the quantized P is still found as P)."""
+    cfg = attention_config()
+    before = [dict(s.to_dict()) for s in graph_sites(prepared)]
+    assert not MatchAttentionSitesPass(cfg)(prepared).modified
+    assert not QuantizeAttentionPass(cfg)(prepared).modified
+    assert [s.to_dict() for s in graph_sites(prepared)] == before
+
+
 def qkv(batch=2, heads=2, length=12, source=12, dim=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(batch, heads, length, dim, generator=g, dtype=dtype),
@@ -266,6 +275,7 @@ def test_baddbmm_alibi_attention():
     probs = F.softmax(scores.view(b, h, length, -1) + mask, dim=-1, dtype=torch.float32)
     want = torch.bmm(q8(probs.view(b * h, length, -1)), q8(v.reshape(b * h, -1, d), -2)).view(b, h, length, d)
     assert bits_equal(prepared(q, k, v, mask), want)
+    assert_idempotent(prepared)
 
 
 class BiasedAttention(torch.nn.Module):
@@ -382,6 +392,7 @@ def test_einsum_both_products_pre_transposed_key():
     scores = torch.einsum("...ld,...ds->...ls", q8(q), q8(k_t, -2)) * 32 ** -0.5
     want = torch.einsum("...ls,...sd->...ld", q8(scores.softmax(dim=-1)), q8(v, -2))
     assert bits_equal(prepared(q, k_t, v), want)
+    assert_idempotent(prepared)
 
 
 # ---- negative cases: left alone, recorded when they look like attention ---------------------------
