@@ -67,6 +67,8 @@ _LAYOUT = {aten.t.default, aten.transpose.int, aten.permute.default, aten.expand
            aten.squeeze.dim, aten.contiguous.default, aten.clone.default, aten.detach.default, aten._to_copy.default,
            aten.to.dtype, aten.alias.default} | _RESHAPES
 _FAKE_QUANTIZE = torch.ops.mxfx.fake_quantize.default
+# Products with a parameter (linear sites): never walked through when looking for scores.
+_LINEAR_PRODUCTS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 _MAX_DEPTH = 24  # ops on a scores path (HF: mul, add, cast; T5: two adds; generous)
 
 
@@ -246,6 +248,25 @@ def _reaches_product(node, depth: int) -> bool:
         return True
 
 
+def _upstream_activation_product(node, limit: int = 64) -> fx.Node | None:
+    """The first product of two activations met walking back from `node` through any ops (without
+    passing through another product), or None."""
+    stack, seen = [node], set()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if not isinstance(current, fx.Node) or current in seen or current.op != "call_function":
+            continue
+        seen.add(current)
+        if current.target in PRODUCTS:
+            if not any(_is_parameter(operand) for operand in product_operands(current)):
+                return current
+            continue
+        if current.target in _LINEAR_PRODUCTS:
+            continue
+        stack.extend(a for a in current.args if isinstance(a, fx.Node))
+    return None
+
+
 def _trace_probs(softmax: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """(product, operand node) for each product the softmax output reaches through dropout,
     casts and last-axis-keeping reshapes."""
@@ -283,8 +304,11 @@ def match_softmax(softmax: fx.Node) -> tuple[str, fx.Node | None, fx.Node | None
         return "", None, None  # not attention: e.g. a classifier's or an MoE router's softmax
     form = PRODUCTS[qk.target] if qk is not None else "softmax"
     if qk is None:
-        raise _Rejected(UNSUPPORTED, "the softmax feeds a matmul, but its scores come from no Q @ K^T product "
-                                     "through the supported ops")
+        product = _upstream_activation_product(softmax.args[0])
+        if product is None:
+            return "", None, None  # softmax of parameters or of a linear's output (mixing weights, a router)
+        raise _Rejected(UNSUPPORTED, f"the softmax feeds a matmul and its scores come from {product.name!r}, but "
+                                     "not through the ops a scores path may contain")
     ndim = len(_shape(softmax.args[0]) or ())
     if _softmax_dim(softmax) != ndim - 1:
         raise _Rejected(CHECK_FAILED, f"softmax over axis {softmax.args[1]} of {ndim}, not the key (last) axis")

@@ -489,3 +489,26 @@ def test_probabilities_as_right_operand_check_failed():
         prepared, site = prepare_one(model, q, k, v)
     assert site.status == "check failed" and "left operand" in site.reason
     assert_untouched(model, (q, k, v), prepared)
+
+
+class MixingAndPermutedScores(torch.nn.Module):
+    """Learned mixing weights (a softmax of a parameter) applied by a matmul: not attention; then a
+    real Q @ K^T whose scores are permuted before the softmax (a form the pass does not follow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.randn(12, 12))
+
+    def forward(self, q, k, v):
+        v = self.mix.softmax(-1) @ v
+        scores = (q @ k.transpose(-2, -1)).permute(0, 1, 3, 2)
+        return scores.softmax(-1) @ v
+
+
+def test_mixing_weights_not_a_site_permuted_scores_unsupported():
+    q, k, v = qkv()
+    model = MixingAndPermutedScores()
+    with pytest.warns(mxfx.MXFXWarning, match="left in high precision"):
+        prepared, site = prepare_one(model, q, k, v)
+    assert site.status == "unsupported" and "scores come from 'matmul_1'" in site.reason and site.form == "softmax"
+    assert_untouched(model, (q, k, v), prepared)
