@@ -66,7 +66,7 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
 def _row(site: str, kind: str, rule: str, weight: str, activation: str, storage: str, status: str = QUANTIZED,
          reason: str = "", before: int = 0, after: int = 0, bits: float | None = None) -> dict:
     return dict(site=site, kind=kind, rule=rule, weight=weight, activation=activation, storage=storage, status=status,
-                reason=reason, weight_bytes_before=before, weight_bytes_after=after, bits_per_weight=bits)
+                weight_bytes_before=before, weight_bytes_after=after, bits_per_weight=bits, reason=reason)
 
 
 def _attention_halves(gm: fx.GraphModule) -> dict[str, tuple[str, Site]]:

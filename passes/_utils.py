@@ -119,6 +119,8 @@ def _row_range(attr: fx.Node, chain: list[fx.Node]) -> tuple[int, int] | None:
             lo = lo + (stop - start) if lo < 0 else lo
             hi = stop - start if hi is None else (hi + (stop - start) if hi < 0 else min(hi, stop - start))
             start, stop, sliced = start + lo, start + hi, True
+        elif not sliced and _is_first_axis_pick(node, chain[i + 1] if i + 1 < len(chain) else None):
+            return None  # a matrix picked out of a stacked parameter: named by `_picked_index`
         elif node.target in _SPLIT_OPS and i + 1 < len(chain) and chain[i + 1].target is operator.getitem:
             sizes = [t.shape[0] for t in node.meta["val"]]
             dim = _arg(node, 2, "dim", 0) if node.target is not aten.unbind.int else _arg(node, 1, "dim", 0)
@@ -131,6 +133,25 @@ def _row_range(attr: fx.Node, chain: list[fx.Node]) -> tuple[int, int] | None:
             break
         i += 1
     return (start, stop) if sliced and (start, stop) != (0, rows) else None
+
+
+def _is_first_axis_pick(node: fx.Node, after: fx.Node | None) -> bool:
+    if node.target is aten.select.int:
+        return _arg(node, 1, "dim", 0) == 0
+    return node.target is aten.unbind.int and _arg(node, 1, "dim", 0) == 0 and after is not None
+
+
+def _picked_index(attr: fx.Node, chain: list[fx.Node]) -> int | None:
+    """i when a chain starts (after casts/copies) by picking matrix i of a stacked parameter
+    (`W[i]` on a (n, out, in) parameter: select or unbind along dim 0), else None."""
+    for i, node in enumerate(chain):
+        if node.target in _ROW_NEUTRAL_OPS:
+            continue
+        if not _is_first_axis_pick(node, chain[i + 1] if i + 1 < len(chain) else None):
+            return None
+        index = _arg(node, 2, "index", 0) if node.target is aten.select.int else chain[i + 1].args[1]
+        return index % attr.meta["val"].shape[0]
+    return None
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -151,6 +172,8 @@ def linear_site_name(node: fx.Node, weight: fx.Node, chain: list[fx.Node] = ()) 
     - A slice of rows of the weight gets a suffix: `.q`, `.k`, `.v` (or `.kv`, `.qk`) for thirds
       of a packed `in_proj_weight` (q, k, v stacked, as nn.MultiheadAttention stores them), and
       `.rows_<start>_<stop>` for any other row slice.
+    - Matrix i of a stacked (n, out, in) parameter (`self.experts[i]`, select or unbind along
+      dim 0) gets the suffix `.i`.
     """
     stack = module_stack(node)
     target = str(weight.target)
@@ -159,7 +182,10 @@ def linear_site_name(node: fx.Node, weight: fx.Node, chain: list[fx.Node] = ()) 
         path, type_name = stack[-1]
         if path and (target == f"{path}.weight" or _is_linear_class(type_name)):
             name = path
-    rows = _row_range(weight, list(chain))
+    picked = _picked_index(weight, list(chain))
+    if picked is not None:
+        name += f".{picked}"
+    rows = _row_range(weight, list(chain)) if picked is None else None
     if rows is not None:
         total = weight.meta["val"].shape[0]
         start, stop = rows

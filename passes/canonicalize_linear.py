@@ -185,8 +185,9 @@ def _plan(node: fx.Node, constant: dict) -> _Plan | None:
     if _val(weight).dim() > 2:
         weight = _strip_broadcast(weight)
     if weight_chain(weight) is None:
-        raise _Reject(UNSUPPORTED, f"the weight is computed by {weight.target} from "
-                                   f"{constant[weight].target!r}: only views, slices and casts of one parameter are followed")
+        source = getattr(constant.get(weight), "target", "a parameter")
+        raise _Reject(UNSUPPORTED, f"the weight is computed by {weight.target} from {source!r}: "
+                                   "only views, slices and casts of one parameter are followed")
     if target is aten.linear.default:
         return None  # already canonical; MatchLinearSitesPass reads its weight chain
     if target is aten.addmm.default:

@@ -303,6 +303,28 @@ def test_a_skipped_slice_keeps_the_packed_weight_for_the_other():
     assert "attn.in_proj_weight" in dict(prepared.named_parameters())  # the kv slice still reads it
 
 
+class StackedExperts(nn.Module):
+    """Matrices picked out of a stacked (n, out, in) parameter, by index and by unbind."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = nn.Module()
+        self.moe.w = nn.Parameter(torch.randn(3, 32, 64) / 8)
+
+    def forward(self, x):
+        first, second, third = self.moe.w.unbind(0)
+        return F.linear(x, self.moe.w[0]) + x @ self.moe.w[2].T + F.linear(x, second)
+
+
+def test_matrices_of_a_stacked_parameter_are_named_by_index():
+    model, x = StackedExperts(), torch.randn(4, 64)
+    prepared = mxfx.prepare(model, config(), (x,))
+    assert [(s.fqn, s.form) for s in prepared.mxfx_report.sites] == [
+        ("moe.w.0", "linear"), ("moe.w.2", "matmul"), ("moe.w.1", "linear")]
+    w = model.moe.w
+    assert bits_equal(prepared(x), ref_linear(x, w[0]) + ref_linear(x, w[2]) + ref_linear(x, w[1]))
+
+
 class TiedProducts(nn.Module):
     """One parameter read by two products through the same chain (x @ W.T twice)."""
 
@@ -446,6 +468,16 @@ class Bmm3D(nn.Module):
         return torch.bmm(x, self.weight)
 
 
+class MaskedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+        self.register_buffer("mask", torch.ones(8, 16).tril())
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight * self.mask, self.proj.bias)
+
+
 class SDPADropout(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
@@ -466,6 +498,9 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(Bmm3D(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "bmm", UNSUPPORTED)]
     assert "3-D and not a broadcast of a 2-D weight" in sites[0].reason
+    sites = mxfx.find_sites(mxfx.export(MaskedWeight(), (torch.randn(2, 16),)), config())
+    assert [(s.fqn, s.form, s.status) for s in sites] == [("proj", "linear", UNSUPPORTED)]
+    assert "computed by aten.mul.Tensor" in sites[0].reason
     from mxfx.config import AttentionSpec
 
     spec = MXSpec(A_FMT)
