@@ -302,7 +302,6 @@ def match_softmax(softmax: fx.Node) -> tuple[str, fx.Node | None, fx.Node | None
     uses = _trace_probs(softmax)
     if qk is None and not uses:
         return "", None, None  # not attention: e.g. a classifier's or an MoE router's softmax
-    form = PRODUCTS[qk.target] if qk is not None else "softmax"
     if qk is None:
         product = _upstream_activation_product(softmax.args[0])
         if product is None:
@@ -334,7 +333,7 @@ def match_softmax(softmax: fx.Node) -> tuple[str, fx.Node | None, fx.Node | None
     _check_product(pv, "PV")
     if not _same((_shape(probs) or (None,))[-1], (_shape(softmax) or (None,))[-1]):
         raise _Rejected(CHECK_FAILED, f"the probabilities reach {pv.name!r} with another last axis")
-    return form, qk, pv
+    return PRODUCTS[qk.target], qk, pv
 
 
 class MatchAttentionSitesPass(PassBase):
