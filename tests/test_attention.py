@@ -512,3 +512,14 @@ def test_mixing_weights_not_a_site_permuted_scores_unsupported():
         prepared, site = prepare_one(model, q, k, v)
     assert site.status == "unsupported" and "scores come from 'matmul_1'" in site.reason and site.form == "softmax"
     assert_untouched(model, (q, k, v), prepared)
+
+
+def test_baddbmm_with_only_the_key_quantized_is_a_quantized_site():
+    """baddbmm's operands are args 1 and 2 (not 0 and 1): quantizing K alone still counts."""
+    q, k, v = qkv()
+    mask = torch.zeros(2, 1, 1, 12)
+    prepared = mxfx.prepare(AlibiAttention(), attention_config(query=None, value=None, probs=None), (q, k, v, mask))
+    (site,) = attention_sites(prepared)
+    assert site.quantized and count(prepared, "fake_quantize") == 1
+    baddbmm = next(n for n in prepared.graph.nodes if n.target is torch.ops.aten.baddbmm.default)
+    assert baddbmm.args[2].target is torch.ops.mxfx.fake_quantize.default and baddbmm.args[2].args[3] == -2
