@@ -194,7 +194,9 @@ def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
 def _has_quantized_operand(matmul: fx.Node | None) -> bool:
     if matmul is None:
         return False
-    operands = matmul.args[1] if matmul.target is torch.ops.aten.einsum.default else matmul.args[:2]
+    from mxfx.passes.match_attention_sites import product_operands  # baddbmm: args 1, 2; einsum: args[1]
+
+    operands = product_operands(matmul)
     return any(isinstance(o, fx.Node) and o.target is torch.ops.mxfx.fake_quantize.default for o in operands)
 
 

@@ -1,9 +1,11 @@
 """Quantize the operands of attention matmuls (QK^T and PV) at config-matched attention sites.
 
 SDPA calls become one fused `mxfx.attention` op (reference = the decomposed MX math; Inductor
-compiles it). Explicit matmul forms get `mxfx.fake_quantize` on each matmul operand, blocked along
-that matmul's reduction axis: the last axis of the left operand, the second-to-last of the right
-one (for einsum, the position of the contracted index).
+compiles it). Explicit forms get `mxfx.fake_quantize` on each operand of their QK^T and PV products
+(matmul, bmm, baddbmm's batch1 @ batch2, einsum), blocked along that product's reduction axis: the
+last axis of the left operand, the second-to-last of the right one (for einsum, the position of
+the contracted index). For a bmm with a pre-transposed K the right operand's second-to-last axis is
+still the contracted one: the operand is quantized as the product receives it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import warnings
 import torch
 from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from mxfx.passes.insert_qdq import spec_args
-from mxfx.passes.match_attention_sites import SDPA
+from mxfx.passes.match_attention_sites import SDPA, contraction_axes, product_operands
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.config import MXSpec, QuantConfig
+from mxfx.errors import MXFXError
 from mxfx.sites import SITE_META, site_of
 
 log = logging.getLogger(__name__)
@@ -32,21 +35,6 @@ def _sdpa_arguments(node: fx.Node) -> dict:
     bound.update(zip(names, node.args))
     bound.update(node.kwargs)
     return bound
-
-
-def _einsum_axes(equation: str) -> tuple[int, int] | None:
-    """Positions of the single contracted index in both operands of a 2-operand einsum, counted
-    from the end (so a leading '...' is fine); None for anything else."""
-    inputs, _, output = equation.replace(" ", "").partition("->")
-    operands = inputs.split(",")
-    if len(operands) != 2 or not output:
-        return None
-    a, b = (s.replace("...", "") for s in operands)
-    contracted = [c for c in a if c in b and c not in output]
-    if len(contracted) != 1 or "..." in a.strip(".") + b.strip("."):
-        return None
-    c = contracted[0]
-    return a.index(c) - len(a), b.index(c) - len(b)
 
 
 class QuantizeAttentionPass(PassBase):
@@ -104,14 +92,12 @@ class QuantizeAttentionPass(PassBase):
 
     @staticmethod
     def _quantize_matmul(gm, matmul: fx.Node, left: MXSpec | None, right: MXSpec | None, fake_mode) -> None:
-        if matmul.target is aten.einsum.default:
-            axes = _einsum_axes(matmul.args[0])
-            if axes is None:
-                log.debug("einsum %r not supported for MX attention; left as is", matmul.args[0])
-                return
-            operands = list(matmul.args[1])
-        else:
-            axes, operands = (-1, -2), list(matmul.args[:2])
+        """fake_quantize each operand of `matmul` (matmul, bmm, baddbmm's batch1 @ batch2, einsum)
+        along its reduction axis; MatchAttentionSitesPass checked the shapes and the equation."""
+        axes = contraction_axes(matmul)
+        if axes is None:  # the matcher records such a product as UNSUPPORTED, never as QUANTIZED
+            raise MXFXError(f"internal: attention product {matmul.name!r} has no single contraction axis")
+        operands = list(product_operands(matmul))
         for index, (spec, axis) in enumerate(zip((left, right), axes)):
             if spec is None:
                 continue
@@ -120,5 +106,7 @@ class QuantizeAttentionPass(PassBase):
         if matmul.target is aten.einsum.default:
             matmul.update_arg(1, operands)
         else:
-            matmul.update_arg(0, operands[0])
-            matmul.update_arg(1, operands[1])
+            first = 1 if matmul.target is aten.baddbmm.default else 0  # baddbmm(input, batch1, batch2)
+            matmul.update_arg(first, operands[0])
+            matmul.update_arg(first + 1, operands[1])
+

@@ -87,3 +87,31 @@ def test_llama_compiled_equals_eager(fresh_dynamo):
     prepared = mxfx.prepare(llama("sdpa"), config(), (ids,))
     compiled = torch.compile(prepared, fullgraph=True)
     torch.testing.assert_close(compiled(ids).logits, prepared(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "clip_text", "whisper", "bloom"])
+def test_explicit_and_fused_attention_agree(name):
+    """The same model with "eager" attention (explicit products quantized in place by
+    QuantizeAttentionPass) and with "sdpa" (the fused mxfx.attention op, whose reference is written
+    separately) gives the same output with every linear and attention quantized. BLOOM has no SDPA
+    implementation: its baddbmm form is compared with the hand reference in test_attention."""
+    import zoo_models
+
+    everything = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3,
+                                   attention=AttentionSpec(E4M3, E4M3, E4M3, E4M3)),))
+    outputs, forms = {}, {}
+    for impl in ("eager", "sdpa"):
+        try:
+            model, args, kwargs = getattr(zoo_models, name)(impl)
+        except ValueError:  # the architecture has no SDPA implementation
+            assert name == "bloom" and impl == "sdpa"
+            continue
+        prepared = mxfx.prepare(model, everything, args, example_kwargs=kwargs)
+        forms[impl] = {s.form for s in prepared.mxfx_report.sites if s.kind == "attention"}
+        assert all(s.quantized for s in prepared.mxfx_report.sites)
+        with torch.no_grad():
+            outputs[impl] = prepared(*args, **kwargs)[0]
+    assert forms["eager"] == ({"baddbmm"} if name == "bloom" else {"matmul"})
+    if "sdpa" in outputs:
+        assert forms["sdpa"] == {"sdpa"}
+        torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-5)

@@ -515,7 +515,7 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     with pytest.warns(mxfx.MXFXWarning, match="left in high precision"):
         prepared = mxfx.prepare(ImplicitEinsumAttention(), cfg, (q, q, q))
     (site,) = prepared.mxfx_report.sites
-    assert site.form == "matmul" and site.status == UNSUPPORTED and "quantized neither matmul" in site.reason
+    assert site.form == "einsum" and site.status == UNSUPPORTED and "explicit output" in site.reason
 
 
 @pytest.mark.slow
