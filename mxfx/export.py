@@ -110,17 +110,14 @@ def export(model: torch.nn.Module, example_inputs: tuple = (), *, example_kwargs
                     program = torch.export.export(model, example_inputs, kwargs=example_kwargs,
                                                   dynamic_shapes=spec, strict=strict)
             except Exception as error:  # any failure: the static export below either works or explains
-                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-                warnings.warn(
-                    f"mxfx: {name} could not be exported with dynamic shapes ({type(error).__name__}: "
-                    f"{first_line}); exported with the example inputs' static shapes instead, so calls "
-                    "with other shapes raise InputGuardError (pass dynamic_shapes to choose the dynamic "
-                    "dimensions yourself)", MXFXWarning, stacklevel=3)
+                auto_error = error
             else:
                 _USED_SHAPES[program] = spec
                 log.info("exported %s; dynamic input dimensions: %s", name, ", ".join(_dynamic_dims(program)) or "none")
                 return program
             dynamic_shapes = None
+        else:
+            auto_error = None
         try:
             program = torch.export.export(model, example_inputs, kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                                           strict=strict)
@@ -133,5 +130,12 @@ def export(model: torch.nn.Module, example_inputs: tuple = (), *, example_kwargs
                 f"torch.export could not trace {name}: {type(error).__name__}: {first_line}\n"
                 f"Try: {'; '.join(hints)}."
             ) from error
+        if auto_error is not None:  # warned only now: when static export fails too, its error says it all
+            first_line = (str(auto_error).strip().splitlines() or [type(auto_error).__name__])[0][:300]
+            warnings.warn(
+                f"mxfx: {name} could not be exported with dynamic shapes ({type(auto_error).__name__}: "
+                f"{first_line}); exported with the example inputs' static shapes instead, so calls "
+                "with other shapes raise InputGuardError (pass dynamic_shapes to choose the dynamic "
+                "dimensions yourself)", MXFXWarning, stacklevel=3)
         _USED_SHAPES[program] = dynamic_shapes
         return program

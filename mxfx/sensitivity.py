@@ -364,16 +364,40 @@ def search(
     return config, SearchResult(assignment, average_bits(), predicted, acc.metrics(), toml)
 
 
-def evaluate(model: torch.nn.Module, inputs, config) -> dict:
-    """Model-output metrics (vs the unquantized model) of `config`, over the batches."""
+def evaluate(model: torch.nn.Module, inputs, config, *, noise: int = 0,
+             noise_sources: tuple[str, ...] = ("jitter", "split")) -> dict:
+    """Model-output metrics (vs the unquantized model) of `config`, over the batches.
+
+    Args:
+        model: the model (not modified).
+        inputs: one batch or an iterable of batches.
+        config: a QuantConfig, a preset name or a TOML path.
+        noise: 0 (default): measure once. N >= 1: also measure under N 1-ulp input jitters and
+            each other source in `noise_sources`, and add a "spread" entry (metric -> largest
+            minus smallest value over all runs) and a "noise" entry (the `mxfx.noise.NoiseFloor`
+            as a dict): a difference between two configs below the larger spread is not signal
+            (`mxfx.noise.significant`).
+        noise_sources: perturbations among "jitter", "split", "compiled" (see `mxfx.noise`).
+    """
+    from mxfx.noise import noise_floor
+
     batches = _batches(inputs)
     base = _base_graph(model, batches[0], strict=False)
     prepared = _prepared_from(base, config if isinstance(config, QuantConfig) else __import__("mxfx").load_config(config))
-    acc = _Accumulator()
     with torch.no_grad():
-        for batch in batches:
-            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)), logits=True)
-    return acc.metrics()
+        references = [_primary_output(base(*batch)) for batch in batches]
+
+    def measure(outputs: list) -> dict:
+        acc = _Accumulator()
+        for reference, output in zip(references, outputs):
+            acc.add(reference, _primary_output(output), logits=True)
+        return acc.metrics()
+
+    if not noise:
+        with torch.no_grad():
+            return measure([prepared(*batch) for batch in batches])
+    floor = noise_floor(prepared, batches, measure, noise, noise_sources)
+    return {**floor.metrics, "spread": floor.spreads, "noise": floor.to_dict()}
 
 
 def _to_toml(assignment: dict[str, str], block_size: int, activations: bool) -> str:
