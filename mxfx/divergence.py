@@ -196,8 +196,10 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
     """
     if not isinstance(prepared, fx.GraphModule):
         raise MXTypeError(f"compare takes a prepared fx.GraphModule, got {type(prepared).__name__}")
-    leaves = [leaf for leaf in pytree.tree_leaves((args, kwargs))]
+    leaves = list(pytree.tree_leaves((args, kwargs)))
     flat, kept = _flat_graph(prepared)
+    # Names are read before `compile` sees the graph (a compile function may rewrite it).
+    described = {node.name: (_op_name(node), _where(node), _after(node), _is_mx_op(node)) for node in kept}
     with torch.no_grad():
         eager_env: dict[str, Any] = {}
 
@@ -211,30 +213,34 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
         compiled_out, compiled_kept = compile(flat)(*leaves)
     compiled_env = {node.name: value for node, value in zip(kept, compiled_kept)}
     # Nodes not read back (placeholders, get_attr) hold the same tensors in both runs.
-    for node in flat.graph.nodes:
-        if node.name not in compiled_env and node.op in ("placeholder", "get_attr"):
-            compiled_env[node.name] = eager_env[node.name]
+    for name, value in eager_env.items():
+        if name not in described:
+            compiled_env.setdefault(name, value)
 
-    def inputs_of(node: fx.Node) -> list[fx.Node]:
+    def inputs_of(node: fx.Node) -> list[str]:
         # A node not read back (a tuple-valued op under its getitems) stands for its own inputs.
-        found: list[fx.Node] = []
+        found: list[str] = []
         for n in node.all_input_nodes:
-            found += [n] if n.name in compiled_env else inputs_of(n)
+            found += [n.name] if n.name in described or n.op in ("placeholder", "get_attr") else inputs_of(n)
         return list(dict.fromkeys(found))
 
     rows: dict[str, OpRow] = {}
-    for node in kept:
-        ins = inputs_of(node)
-        pairs = [(a, b) for n in ins for a, b in zip(_tensors(eager_env[n.name]), _tensors(compiled_env[n.name]))]
-        out = Difference.of(_tensors(eager_env[node.name])[0], _tensors(compiled_env[node.name])[0])
-        after = ""
-        if _is_mx_op(node) and node.args and isinstance(node.args[0], fx.Node):
-            producer = node.args[0]
-            while producer.op == "call_function" and producer.target is operator.getitem:
-                producer = producer.args[0]
-            after = _op_name(producer) if producer.op == "call_function" else producer.op
-        rows[node.name] = OpRow(node.name, _op_name(node), _where(node), _joint(pairs), out, after)
-    mx_rows = tuple(rows[n.name] for n in kept if _is_mx_op(n))
+    inputs = {node.name: inputs_of(node) for node in kept}
+    for name, (target, where, after, _) in described.items():
+        pairs = [(a, b) for n in inputs[name] for a, b in zip(_tensors(eager_env[n]), _tensors(compiled_env[n]))]
+        out = Difference.of(_tensors(eager_env[name])[0], _tensors(compiled_env[name])[0])
+        rows[name] = OpRow(name, target, where, _joint(pairs), out, after)
+    mx_rows = tuple(rows[name] for name, info in described.items() if info[3])
     origins = tuple(row for row in rows.values() if row.inputs.equal and not row.output.equal)
     output = _joint([(a, b) for a, b in zip(_tensors(eager_out), _tensors(compiled_out))])
     return DivergenceReport(mx_rows, origins, output)
+
+
+def _after(node: fx.Node) -> str:
+    """For an mxfx op: the op that produced its first input (through getitem)."""
+    if not (_is_mx_op(node) and node.args and isinstance(node.args[0], fx.Node)):
+        return ""
+    producer = node.args[0]
+    while producer.op == "call_function" and producer.target is operator.getitem:
+        producer = producer.args[0]
+    return _op_name(producer) if producer.op == "call_function" else producer.op
