@@ -196,7 +196,7 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
     """
     if not isinstance(prepared, fx.GraphModule):
         raise MXTypeError(f"compare takes a prepared fx.GraphModule, got {type(prepared).__name__}")
-    leaves = list(pytree.tree_leaves((args, kwargs)))
+    leaves = _flat_inputs(prepared, args, kwargs)
     flat, kept = _flat_graph(prepared)
     # Names are read before `compile` sees the graph (a compile function may rewrite it).
     described = {node.name: (_op_name(node), _where(node), _after(node), _is_mx_op(node)) for node in kept}
@@ -234,6 +234,17 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
     origins = tuple(row for row in rows.values() if row.inputs.equal and not row.output.equal)
     output = _joint([(a, b) for a, b in zip(_tensors(eager_out), _tensors(compiled_out))])
     return DivergenceReport(mx_rows, origins, output)
+
+
+def _flat_inputs(prepared: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The inputs as the graph's placeholders take them: keyword inputs in the order of the
+    module's input spec (torch.export records them sorted its own way)."""
+    spec = getattr(prepared, "_in_spec", None)
+    if kwargs and spec is not None and len(spec.children_specs) == 2:
+        order = spec.children_specs[1].context
+        if isinstance(order, list) and sorted(order) == sorted(kwargs):
+            kwargs = {key: kwargs[key] for key in order}
+    return list(pytree.tree_leaves((args, kwargs)))
 
 
 def _after(node: fx.Node) -> str:
