@@ -16,6 +16,8 @@ place. It runs the prepared graph twice on the same inputs:
 
 An *origin* is a node whose inputs are bitwise equal in both runs while its output is not: the op
 that created the difference (the difference of a node whose inputs already differ is inherited).
+Further down, where every input already differs, each op is also re-run eagerly on the values the
+compiled code fed it: `local` lists every op that computes differently compiled on the same inputs.
 Reading back every intermediate makes Inductor store them, which can change its fusion choices a
 little; the final output is compared too, so a difference that only exists inside one fused
 kernel still shows in the report (as a differing output with no origin upstream of it).
@@ -34,6 +36,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from mxfx._compat import eager_numerics  # noqa: F401  (public here: mxfx.divergence.eager_numerics)
 from mxfx.errors import MXTypeError
 from mxfx.sites import site_of
 
@@ -85,6 +88,7 @@ class OpRow:
     inputs: Difference  # all tensor inputs together (equal iff each is)
     output: Difference  # the first tensor output
     after: str = ""  # for an mxfx op: the non-MX op that produced its first input
+    local: Difference | None = None  # compiled output vs the eager op run on the *compiled* inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,14 @@ class DivergenceReport:
     mx_ops: tuple[OpRow, ...]  # every mxfx op, in graph order
     origins: tuple[OpRow, ...]  # nodes whose inputs agree and whose output does not, in graph order
     output: Difference  # the module's output(s), all leaves together
+    local: tuple[OpRow, ...] = ()  # every node that computes differently compiled on the same inputs
+
+    def local_ops(self) -> dict[str, int]:
+        """How many nodes of each op compute differently compiled, given the same inputs."""
+        counts: dict[str, int] = {}
+        for row in self.local:
+            counts[row.target] = counts.get(row.target, 0) + 1
+        return counts
 
     @property
     def first_site(self) -> OpRow | None:
@@ -118,6 +130,8 @@ class DivergenceReport:
         text.append(tabulate([cells(r) for r in self.origins], headers=headers, tablefmt="simple")
                     if self.origins else "  none")
         text.append(f"\nmodule output: {_fmt(self.output)}")
+        text.append("ops that compute differently compiled on the same inputs: "
+                    + (", ".join(f"{op} x{n}" for op, n in self.local_ops().items()) or "none"))
         return "\n".join(text)
 
 
@@ -185,7 +199,7 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
         prepared: a module from `mxfx.prepare` (any fx.GraphModule from torch.export works).
         *args, **kwargs: the inputs, as the module takes them.
         compile: turns a GraphModule into the compiled callable (default: Inductor with
-            fullgraph=True; pass e.g. `lambda gm: torch.compile(gm, options=mxfx.eager_numerics())`).
+            fullgraph=True; e.g. `lambda gm: torch.compile(gm, options=eager_numerics())`).
             It receives a copy of the graph with flat inputs and every intermediate as an output.
 
     Returns:
@@ -198,7 +212,6 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
         raise MXTypeError(f"compare takes a prepared fx.GraphModule, got {type(prepared).__name__}")
     leaves = _flat_inputs(prepared, args, kwargs)
     flat, kept = _flat_graph(prepared)
-    # Names are read before `compile` sees the graph (a compile function may rewrite it).
     described = {node.name: (_op_name(node), _where(node), _after(node), _is_mx_op(node)) for node in kept}
     with torch.no_grad():
         eager_env: dict[str, Any] = {}
@@ -210,7 +223,10 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
                 return value
 
         eager_out, _ = Recorder(flat).run(*leaves)
-        compiled_out, compiled_kept = compile(flat)(*leaves)
+        to_compile = fx.Graph()
+        to_compile.output(to_compile.graph_copy(flat.graph, {}))
+        # The compile function gets its own copy of the graph: it may rewrite it.
+        compiled_out, compiled_kept = compile(fx.GraphModule(flat, to_compile))(*leaves)
     compiled_env = {node.name: value for node, value in zip(kept, compiled_kept)}
     # Nodes not read back (placeholders, get_attr) hold the same tensors in both runs.
     for name, value in eager_env.items():
@@ -224,24 +240,37 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
             found += [n.name] if n.name in described or n.op in ("placeholder", "get_attr") else inputs_of(n)
         return list(dict.fromkeys(found))
 
+    # Local differences: each op re-run eagerly on the values the compiled code fed it.
+    source = dict(compiled_env)
+    local: dict[str, Difference] = {}
+    with torch.no_grad():
+        for node in flat.graph.nodes:
+            if node.op != "call_function":
+                continue
+            call_args, call_kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: source[n.name])
+            value = node.target(*call_args, **call_kwargs)
+            if node.name in described:
+                local[node.name] = Difference.of(_tensors(value)[0], _tensors(compiled_env[node.name])[0])
+            else:
+                source[node.name] = value
     rows: dict[str, OpRow] = {}
     inputs = {node.name: inputs_of(node) for node in kept}
     for name, (target, where, after, _) in described.items():
         pairs = [(a, b) for n in inputs[name] for a, b in zip(_tensors(eager_env[n]), _tensors(compiled_env[n]))]
         out = Difference.of(_tensors(eager_env[name])[0], _tensors(compiled_env[name])[0])
-        rows[name] = OpRow(name, target, where, _joint(pairs), out, after)
+        rows[name] = OpRow(name, target, where, _joint(pairs), out, after, local[name])
     mx_rows = tuple(rows[name] for name, info in described.items() if info[3])
     origins = tuple(row for row in rows.values() if row.inputs.equal and not row.output.equal)
     output = _joint([(a, b) for a, b in zip(_tensors(eager_out), _tensors(compiled_out))])
-    return DivergenceReport(mx_rows, origins, output)
+    return DivergenceReport(mx_rows, origins, output, tuple(r for r in rows.values() if not r.local.equal))
 
 
 def _flat_inputs(prepared: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """The inputs as the graph's placeholders take them: keyword inputs in the order of the
     module's input spec (torch.export records them sorted its own way)."""
     spec = getattr(prepared, "_in_spec", None)
-    if kwargs and spec is not None and len(spec.children_specs) == 2:
-        order = spec.children_specs[1].context
+    if kwargs and spec is not None and spec.num_children == 2:
+        order = spec.child(1).context
         if isinstance(order, list) and sorted(order) == sorted(kwargs):
             kwargs = {key: kwargs[key] for key in order}
     return list(pytree.tree_leaves((args, kwargs)))

@@ -29,7 +29,7 @@ def test_divergence_identity_compile_finds_nothing():
     report = divergence.compare(prepared, torch.randn(4, 64), compile=lambda gm: gm)
     assert [row.site for row in report.mx_ops] == ["net.0", "net.2", "net.4"]
     assert all(row.target == "mxfx.linear" for row in report.mx_ops)
-    assert report.first_site is None and report.origins == () and report.output.equal
+    assert report.first_site is None and report.origins == () and report.output.equal and report.local == ()
 
 
 def test_divergence_finds_an_injected_difference():
@@ -50,6 +50,7 @@ def test_divergence_finds_an_injected_difference():
     first = report.first_site
     assert first.site == "net.4" and first.after == "aten.relu" and not first.inputs.equal
     assert [row.inputs.equal for row in report.mx_ops] == [True, True, False]
+    assert [row.node for row in report.local] == [relus[1]] and report.local_ops() == {"aten.relu": 1}
     assert "net.4" in report.table()
 
 
@@ -61,7 +62,7 @@ def test_divergence_with_inductor_names_every_site(fresh_dynamo):
     assert [row.site for row in report.mx_ops] == [s.fqn for s in prepared.mxfx_report.sites]
     # the mxfx ops themselves are bitwise equal compiled; the first op sees the model input
     assert report.mx_ops[0].inputs.equal and report.mx_ops[0].output.equal
-    for row in report.origins:  # a difference is only ever born outside mxfx
+    for row in (*report.origins, *report.local):  # a difference is only ever born outside mxfx
         assert not row.target.startswith("mxfx.")
 
 
