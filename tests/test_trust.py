@@ -242,3 +242,16 @@ def test_compiled_prepared_module_with_symbolic_batch(fresh_dynamo):
     for batch in (3, 8):
         x = torch.randn(batch, 64)
         torch.testing.assert_close(compiled(x), prepared(x), rtol=0, atol=1e-6)
+
+
+def test_eager_numerics_options_are_inductor_settings():
+    import torch._inductor.config as inductor_config
+
+    options = divergence.eager_numerics()
+    assert options["emulate_precision_casts"] is True and options["cpp.enable_floating_point_contract_flag"] == "off"
+    before = inductor_config.emulate_precision_casts
+    with inductor_config.patch(options):  # an unknown key would raise here
+        assert inductor_config.emulate_precision_casts is True
+    assert inductor_config.emulate_precision_casts == before  # the helper itself changes no global
+    options["fallback_random"] = False
+    assert divergence.eager_numerics()["fallback_random"] is True  # a fresh dict each call
