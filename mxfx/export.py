@@ -3,8 +3,9 @@
 `mxfx.prepare` and the sensitivity tools start from it; export once and hand the program to
 `prepare` (or `find_sites`) as many times as you like: no re-tracing, no deep copies.
 
-Shapes: by default every dimension of every input tensor is exported as `Dim.AUTO` with size-1
-values allowed (`auto_dynamic_shapes`), so one prepare serves other batch sizes and sequence
+Shapes: by default every input tensor dimension of example size >= 2 is exported as `Dim.AUTO`,
+size-oblivious so that size 1 is accepted too (`auto_dynamic_shapes`; if the model cannot be
+exported size-obliviously, sizes >= 2), so one prepare serves other batch sizes and sequence
 lengths; dimensions the model's code fixes (a linear's in_features, a head_dim) become static on
 their own. A model that cannot be exported that way is exported with static shapes instead, with
 an `MXFXWarning` that says why (a call with other shapes then raises `InputGuardError`).
@@ -51,13 +52,17 @@ def eval_mode(model: torch.nn.Module):
 
 
 def auto_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None):
-    """A torch.export `dynamic_shapes` spec marking every dimension of every input tensor
-    `Dim.AUTO` (torch.export then keeps dynamic what the model lets vary, and specializes the rest
-    without an error), keyed the way torch.export wants for `model`'s signature."""
+    """A torch.export `dynamic_shapes` spec marking every dimension of size >= 2 of every input
+    tensor `Dim.AUTO` (torch.export then keeps dynamic what the model lets vary, and specializes
+    the rest without an error), keyed the way torch.export wants for `model`'s signature.
+
+    Size-1 example dimensions stay static: they are usually broadcast dimensions (a (B, 1, L, S)
+    mask), which a size-oblivious export cannot broadcast; torch.export would specialize them anyway.
+    """
     collection = torch.export.ShapesCollection()
     for leaf in torch.utils._pytree.tree_leaves((example_inputs, example_kwargs or {})):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            collection[leaf] = dict.fromkeys(range(leaf.dim()), torch.export.Dim.AUTO)
+            collection[leaf] = {i: torch.export.Dim.AUTO if size >= 2 else None for i, size in enumerate(leaf.shape)}
     return collection.dynamic_shapes(model, example_inputs, example_kwargs or {})
 
 
@@ -104,9 +109,15 @@ def export(model: torch.nn.Module, example_inputs: tuple = (), *, example_kwargs
         if isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO:
             try:
                 spec = auto_dynamic_shapes(model, example_inputs, example_kwargs)
-                # Size-oblivious: a dimension exported at size >= 2 still accepts size 1 (one window,
-                # one decoded token), rather than being guarded to >= 2 (torch's 0/1 specialization).
-                with _compat.size_oblivious_export():
+                try:
+                    # Size-oblivious: a dimension exported at size >= 2 still accepts size 1 (one window,
+                    # one decoded token), rather than being guarded to >= 2 (torch's 0/1 specialization).
+                    with _compat.size_oblivious_export():
+                        program = torch.export.export(model, example_inputs, kwargs=example_kwargs,
+                                                      dynamic_shapes=spec, strict=strict)
+                except Exception as error:  # e.g. a broadcast the size-oblivious rules cannot decide
+                    log.info("size-oblivious export of %s failed (%s); exporting with dynamic sizes >= 2", name,
+                             type(error).__name__)
                     program = torch.export.export(model, example_inputs, kwargs=example_kwargs,
                                                   dynamic_shapes=spec, strict=strict)
             except Exception as error:  # any failure: the static export below either works or explains
