@@ -126,12 +126,13 @@ class _ExplainedGuards(torch.nn.Module):
             return self.guards(*args, **kwargs)
         except AssertionError as error:
             raise InputGuardError(
-                f"the prepared module's export does not cover these input shapes ({error}). Sizes "
-                "are fixed at export where the model needs them (a linear's in_features) or its code "
-                "branches on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart), or where a dimension is static "
-                "(static fallback warned about at prepare, dynamic_shapes=None, or an explicit "
-                "dynamic_shapes without it): prepare with example inputs of this shape, or pass "
-                "dynamic_shapes to mxfx.prepare, e.g. dynamic_shapes=({0: torch.export.Dim('batch')},)"
+                f"the prepared module's export does not cover these input shapes ({error}). Sizes are "
+                "fixed at export where the model needs them (a linear's in_features) or its code branches "
+                "on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart), or where a "
+                "dimension is static (size 1 in the example inputs, the static fallback warned about at "
+                "prepare, dynamic_shapes=None, or an explicit dynamic_shapes without it): prepare with "
+                "example inputs of this shape, or pass dynamic_shapes to mxfx.prepare, e.g. "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)"
             ) from None
 
 
