@@ -177,3 +177,36 @@ def tag_compile_caches(digest: str) -> None:
     mark = f"mxfx-{digest}"
     if mark not in tag.split("+"):
         torch.compiler.config.cache_key_tag = f"{tag}+{mark}" if tag else mark
+
+
+def size_oblivious_export():
+    """A context in which torch.export reasons about dynamic sizes size-obliviously: a dimension
+    traced at size >= 2 is exported for sizes 0 and 1 too (torch's 0/1 specialization would
+    otherwise guard it to >= 2; a prepared model must accept one window or one decoded token)."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(backed_size_oblivious=True)
+
+
+def eager_numerics() -> dict:
+    """torch.compile `options` under which Inductor keeps eager's floating-point numerics wherever
+    torch 2.13 offers a switch: `torch.compile(prepared, options=mxfx.eager_numerics())`.
+
+    - `emulate_precision_casts`: keep the bf16/fp16 round trips between fused ops that eager does
+      (without it a fused bf16 chain stays in fp32 and rounds differently);
+    - `cpp.enable_unsafe_math_opt_flag` off, `cpp.enable_floating_point_contract_flag` "off": no
+      reassociation and no fused multiply-add contraction in the generated C++ (torch's defaults,
+      pinned against environment variables that turn them on);
+    - `fallback_random`: random ops through ATen's generator (mxfx's stochastic rounding is its own
+      counter-based hash and needs nothing).
+    What no switch covers (measured in the README): Inductor's reductions (sum, mean, softmax,
+    layer norm) accumulate in another order than ATen's, and its vectorised exp, sin, cos, tanh, erf
+    can differ from ATen's by an ulp; their last-bit differences reach the next MX quantizer.
+    Returns a fresh dict (the global Inductor config is never touched).
+    """
+    return {
+        "emulate_precision_casts": True,
+        "cpp.enable_unsafe_math_opt_flag": False,
+        "cpp.enable_floating_point_contract_flag": "off",
+        "fallback_random": True,
+    }

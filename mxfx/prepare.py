@@ -20,7 +20,7 @@ from torch import fx
 
 from mxfx.config import QuantConfig, load_config
 from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
-from mxfx.export import export
+from mxfx.export import export, used_dynamic_shapes
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
@@ -63,7 +63,7 @@ def prepare(
     *,
     example_kwargs: dict | None = None,
     strict: bool = False,
-    dynamic_shapes: Any = None,
+    dynamic_shapes: Any = "auto",
 ) -> fx.GraphModule:
     """Export `model` and quantize the linear sites its config selects to MX.
 
@@ -75,7 +75,9 @@ def prepare(
         example_inputs: positional example inputs for torch.export.
         example_kwargs: keyword example inputs.
         strict: torch.export's strict mode (default non-strict, which traces more models).
-        dynamic_shapes: torch.export dynamic_shapes (e.g. a dynamic batch dimension).
+        dynamic_shapes: "auto" (default): every input dimension the model lets vary stays dynamic
+            (other batch sizes and sequence lengths need no new prepare; see `mxfx.export`);
+            None: static shapes; else torch.export's dynamic_shapes.
 
     Returns:
         An nn.Module (fx.GraphModule) with the model's call signature and output structure, for
@@ -107,7 +109,7 @@ def prepare(
         pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
-    gm.mxfx_export_args = (example_inputs, example_kwargs or {}, dynamic_shapes, strict)
+    gm.mxfx_export_args = (example_inputs, example_kwargs or {}, used_dynamic_shapes(program, dynamic_shapes), strict)
     return gm
 
 
@@ -124,8 +126,12 @@ class _ExplainedGuards(torch.nn.Module):
             return self.guards(*args, **kwargs)
         except AssertionError as error:
             raise InputGuardError(
-                f"the prepared module was exported for other input shapes ({error}); to accept other "
-                "batch or sequence sizes, pass dynamic_shapes to mxfx.prepare, e.g. "
+                f"the prepared module's export does not cover these input shapes ({error}). Sizes are "
+                "fixed at export where the model needs them (a linear's in_features) or its code branches "
+                "on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart), or where a "
+                "dimension is static (size 1 in the example inputs, the static fallback warned about at "
+                "prepare, dynamic_shapes=None, or an explicit dynamic_shapes without it): prepare with "
+                "example inputs of this shape, or pass dynamic_shapes to mxfx.prepare, e.g. "
                 "dynamic_shapes=({0: torch.export.Dim('batch')},)"
             ) from None
 

@@ -855,15 +855,39 @@ def _all_but(targets: list[_Target], excluded: _Target | None, candidate: Candid
     return {t: candidate for t in targets if t is not excluded and not (t.kind == ATTENTION and candidate[1] is None)}
 
 
-def evaluate(model: torch.nn.Module, inputs, config) -> dict:
+def evaluate(model: torch.nn.Module, inputs, config, *, noise: int = 0,
+             noise_sources: tuple[str, ...] = ("jitter", "split")) -> dict:
     """Model-output metrics (`mxfx.metrics`, KL per token over the last axis) of `config` against
-    the unquantized model, over the batches."""
+    the unquantized model, over the batches.
+
+    Args:
+        model: the model (not modified).
+        inputs: one batch or an iterable of batches.
+        config: a QuantConfig, a preset name or a TOML path.
+        noise: 0 (default): measure once. N >= 1: also measure under N 1-ulp input jitters and
+            each other source in `noise_sources`, and add a "spread" entry (metric -> largest
+            minus smallest value over all runs) and a "noise" entry (the `mxfx.noise.NoiseFloor`
+            as a dict): a difference between two configs below the larger spread is not signal
+            (`mxfx.noise.significant`).
+        noise_sources: perturbations among "jitter", "split", "compiled" (see `mxfx.noise`).
+    """
+    from mxfx.noise import noise_floor
+
     batches = _batches(inputs)
     program = export(model, batches[0])
     base = program.module()
     prepared = prepare(program, load_config(config))
-    acc = MetricAccumulator(kl=True)
     with torch.no_grad():
-        for batch in batches:
-            acc.add(_primary_output(base(*batch)), _primary_output(prepared(*batch)))
-    return acc.result()
+        references = [_primary_output(base(*batch)) for batch in batches]
+
+    def measure(outputs: list) -> dict:
+        acc = MetricAccumulator(kl=True)
+        for reference, output in zip(references, outputs):
+            acc.add(reference, _primary_output(output))
+        return acc.result()
+
+    if not noise:
+        with torch.no_grad():
+            return measure([prepared(*batch) for batch in batches])
+    floor = noise_floor(prepared, batches, measure, noise, noise_sources)
+    return {**floor.metrics, "spread": floor.spreads, "noise": floor.to_dict()}

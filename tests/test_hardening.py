@@ -262,7 +262,7 @@ def test_prepare_a_prepared_module_again_is_harmless():
 
 
 def test_other_batch_size_without_dynamic_shapes_is_explained():
-    prepared = mxfx.prepare(MLP(), ALL, (torch.randn(4, 64),))
+    prepared = mxfx.prepare(MLP(), ALL, (torch.randn(4, 64),), dynamic_shapes=None)
     with pytest.raises(mxfx.InputGuardError, match="dynamic_shapes"):
         prepared(torch.randn(5, 64))
 
