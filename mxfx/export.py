@@ -30,9 +30,16 @@ AUTO = "auto"  # the default `dynamic_shapes`: every input tensor dimension Dim.
 # The dynamic_shapes each program was exported with (for re-exports, e.g. mxfx.save).
 _USED_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# torch.export keeps tracing state in process globals (mode stacks, the module hierarchy), so two
-# threads exporting at once corrupt each other; the export step is serialized, the passes are not.
-_EXPORT_LOCK = threading.Lock()
+# torch.export keeps tracing state in process globals (mode stacks, the module hierarchy, the
+# symbolic-shape dispatch), so two threads exporting at once corrupt each other, and so does a
+# thread computing symbolic fake shapes (a pass creating nodes) while another exports: both
+# steps hold this lock (`tracing_lock()`). Re-entrant: prepare holds it around export + passes.
+_EXPORT_LOCK = threading.RLock()
+
+
+def tracing_lock() -> threading.RLock:
+    """The process-wide lock around torch.export and the FX passes that compute fake shapes."""
+    return _EXPORT_LOCK
 
 
 @contextlib.contextmanager

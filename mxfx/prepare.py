@@ -20,7 +20,7 @@ from torch import fx
 
 from mxfx.config import QuantConfig, load_config
 from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
-from mxfx.export import export, used_dynamic_shapes
+from mxfx.export import export, tracing_lock, used_dynamic_shapes
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
@@ -94,19 +94,20 @@ def prepare(
     config = load_config(config)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    if isinstance(model, torch.export.ExportedProgram):
-        program = model
-        example_inputs, example_kwargs = program.example_inputs or (example_inputs, example_kwargs)
-    else:
-        program = export(model, example_inputs, example_kwargs=example_kwargs, strict=strict,
-                         dynamic_shapes=dynamic_shapes)
-    gm = program.module()
-    gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
-    _detach_parameters(gm)
-    if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
-        gm._guards_fn = _ExplainedGuards(gm._guards_fn)
-    for pass_ in pipeline(config):
-        pass_(gm)
+    with tracing_lock():  # export and the passes' symbolic fake shapes: one thread at a time
+        if isinstance(model, torch.export.ExportedProgram):
+            program = model
+            example_inputs, example_kwargs = program.example_inputs or (example_inputs, example_kwargs)
+        else:
+            program = export(model, example_inputs, example_kwargs=example_kwargs, strict=strict,
+                             dynamic_shapes=dynamic_shapes)
+        gm = program.module()
+        gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
+        _detach_parameters(gm)
+        if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
+            gm._guards_fn = _ExplainedGuards(gm._guards_fn)
+        for pass_ in pipeline(config):
+            pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
     gm.mxfx_export_args = (example_inputs, example_kwargs or {}, used_dynamic_shapes(program, dynamic_shapes), strict)

@@ -166,10 +166,12 @@ def find_sites(model: fx.GraphModule | torch.export.ExportedProgram, config: Qua
         but would not quantize (their `status` and `reason` say why).
     """
     from mxfx.config import load_config
+    from mxfx.export import tracing_lock
     from mxfx.prepare import matching_passes
 
     gm = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     config = QuantConfig() if config is None else load_config(config)
-    for pass_ in matching_passes(config):
-        pass_(gm)
+    with tracing_lock():  # the passes compute symbolic fake shapes (see mxfx.export)
+        for pass_ in matching_passes(config):
+            pass_(gm)
     return graph_sites(gm)
