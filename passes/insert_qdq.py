@@ -98,9 +98,14 @@ class InsertQDQPass(PassBase):
         tensor = gm.get_parameter(weight.target) if _is_parameter(gm, weight.target) else gm.get_buffer(weight.target)
         tensor = tensor.detach()
         stem = f"mxfx_w{index}_" + str(weight.target).replace(".", "_")
+        # GPTQ's own codes (passes/gptq_weights.py): stored as computed; `tensor` is their decoding
+        precomputed = weight.meta.get("mxfx_precomputed_weight")
+        if precomputed is not None and storage == "simulated":
+            gm.register_buffer(f"{stem}_simulated", tensor)
+            return (f"{stem}_simulated",)
         if storage == "packed":
-            data = api.quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
-                                scale_mode=spec.scale_mode, rounding=spec.rounding)
+            data = precomputed if precomputed is not None else api.quantize(
+                tensor, spec.format, block_size=spec.block_size, axis=-1, scale_mode=spec.scale_mode, rounding=spec.rounding)
             gm.register_buffer(f"{stem}_codes", data.codes)
             gm.register_buffer(f"{stem}_scales", data.scales)
             return f"{stem}_codes", f"{stem}_scales"
