@@ -15,7 +15,6 @@ import logging
 
 import torch
 from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
-from mxfx.passes.quantize_attention import _einsum_axes
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
