@@ -343,3 +343,30 @@ def test_bad_recovery_values_are_config_errors(rule, message):
         text += 'weight = "fp8"\n'
     with pytest.raises(ConfigError, match=message):
         config_from_dict(tomllib.loads(text))
+
+
+# --- hygiene and export round trip ----------------------------------------------------------------
+
+
+def test_recovery_passes_are_idempotent_and_round_trip(tmp_path):
+    from mxfx.passes.gptq_weights import GPTQWeightsPass
+    from mxfx.passes.rotate_attention import RotateAttentionPass
+    from mxfx.passes.rotate_linear import RotateLinearPass
+
+    torch.manual_seed(0)
+    model = MLP((64, 64, 32)).eval()
+    x = torch.randn(4, 64)
+    rule = Rule(".*", weight=MXSpec("fp4_e2m1", scale_mode="mse"), activation=MXSpec("fp8_e4m3"),
+                rotation="hadamard", weight_rounding="gptq")
+    config = QuantConfig((rule,))
+    prepared = mxfx.prepare(model, config, (x,), calibration=[x])
+    for pass_ in (RotateLinearPass(config), RotateAttentionPass(config), GPTQWeightsPass(config, [x])):
+        assert not pass_(prepared).modified
+    # no fp weight is left behind: only codes, scales and biases
+    assert {name.rsplit(".", 1)[-1] for name, _ in prepared.named_parameters()} <= {"bias"}
+    assert not any("rot" in name and "codes" not in name and "scales" not in name for name, _ in prepared.named_buffers())
+    path = mxfx.save(prepared, tmp_path / "rotated.pt2")
+    loaded = mxfx.load(path)
+    assert torch.equal(loaded(x), prepared(x))
+    # an empty config changes nothing
+    assert not RotateLinearPass(QuantConfig())(torch.export.export(model, (x,)).module()).modified
