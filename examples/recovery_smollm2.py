@@ -5,7 +5,7 @@ Every linear but lm_head is quantized (weights and inputs, or weights only), blo
 in_features. GPTQ calibrates on windows that follow the evaluation windows in the text.
 
     python examples/recovery_smollm2.py [--windows 2] [--length 256] [--formats fp4_e2m1]
-        [--variants plain,rotation,mse,rotation+mse,gptq+rotation+mse] [--weights-only]
+        [--variants plain,rotation,mse,rotation+mse,gptq+rotation+mse] [--weights-only] [--threads 1]
 """
 
 import argparse
@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 
+import torch
 from tabulate import tabulate
 
 import mxfx
@@ -43,7 +44,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--weights-only", action="store_true", help="quantize weights only")
     parser.add_argument("--verbose", action="store_true", help="log GPTQ progress")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is much "
+                        "faster on an oversubscribed machine, where GPTQ's many small ops wait on thread barriers")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = pretrained.load_smollm2()
