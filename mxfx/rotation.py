@@ -12,8 +12,10 @@ so the weight is rotated once, offline, and the input online, right before its q
 block each MX block is rotated on its own (as in MR-GPTQ / FP-Quant for MXFP4).
 
 The math is a Walsh-Hadamard butterfly: log2(block) stages of `(a, c) -> (a + c, a - c)` and one
-final multiply by 1/sqrt(block). Written as broadcast pointwise ops (no matmul), it lowers in
-Inductor to loads and adds that can fuse with the quantization that follows; eager and compiled
+final multiply by 1/sqrt(block). Written as broadcast pointwise ops (no matmul), Inductor puts it
+in the same kernel function as the quantization that follows (no GEMM, no extra launch), though it
+materializes the butterfly every two stages (its read-count heuristic): for a block of 32, two extra
+passes over the activation before the last stage, fused with the quantization. Eager and compiled
 code do the same adds in the same order, so they agree bit for bit.
 """
 
