@@ -33,6 +33,17 @@ from mxfx.numerics import ROUNDINGS, SCALE_MODES
 
 WEIGHT_STORAGES = ("packed", "simulated")
 ATTENTION_OPERANDS = ("query", "key", "value", "probs")
+ROTATIONS = ("hadamard",)  # "" (the default) rotates nothing
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check_rotation(rotation: str, where: str) -> None:
+    if rotation not in ("", *ROTATIONS):
+        raise ConfigError(f"{where}: unknown rotation {rotation!r}; valid: {', '.join(ROTATIONS)} (or none)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +52,7 @@ class MXSpec:
 
     format: str  # element format name (any alias; stored canonical)
     block_size: int = 32  # elements per E8M0 scale
-    scale_mode: str = "floor"  # floor (OCP), ceil, even, rceil
+    scale_mode: str = "floor"  # floor (OCP), ceil, even, rceil, mse (error-minimizing exponent)
     rounding: str = "even"  # even (OCP), away, toward_zero, stochastic
 
     def __post_init__(self) -> None:
@@ -94,6 +105,13 @@ class Rule:
     attention: AttentionSpec | None = None  # attention sites
     skip: bool = False  # matched sites stay in high precision
     weight_storage: str = "packed"  # "packed": keep codes + scales only; "simulated": fake-quantized fp weights
+    rotation: str = ""  # "hadamard": rotate input and weight blocks along in_features (online / offline)
+    rotation_size: int = 0  # elements per Hadamard block; 0: the rule's MX block size
+    weight_rounding: str = "nearest"  # "gptq": GPTQ error feedback (needs calibration= in prepare)
+    # "hadamard": rotate Q and K of attention sites along head_dim (blocks of Q's MX block size).
+    # A rule field rather than an AttentionSpec one: Site records keep AttentionSpec operand-only.
+    # In TOML it is the key `rotation` of the rule's attention table.
+    attention_rotation: str = ""
     name: str = ""  # for messages, e.g. "rule 2 in configs/llm.toml"
 
     def __post_init__(self) -> None:
@@ -106,6 +124,49 @@ class Rule:
             raise ConfigError(f"{where}: bad regex {self.match!r}: {error}") from None
         if self.weight_storage not in WEIGHT_STORAGES:
             raise ConfigError(f"{where}: weight_storage must be one of {', '.join(WEIGHT_STORAGES)}, got {self.weight_storage!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"{where}: weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weight_rounding!r}")
+        if self.weight_rounding == "gptq" and self.weight is None and not self.skip:
+            raise ConfigError(f"{where}: weight_rounding = 'gptq' needs a weight spec")
+        _check_rotation(self.rotation, where)
+        size = self.rotation_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"{where}: rotation_size must be a non-negative integer, got {size!r}")
+        if self.rotation and not self.skip:
+            blocks = {spec.block_size for spec in (self.weight, self.activation) if spec is not None}
+            if not blocks:
+                raise ConfigError(f"{where}: rotation needs a weight or activation spec")
+            if size == 0 and len(blocks) > 1:
+                raise ConfigError(f"{where}: weight and activation block sizes differ ({sorted(blocks)}); set rotation_size")
+            if not _is_power_of_two(self.rotation_block):
+                raise ConfigError(f"{where}: a Hadamard rotation needs a power-of-two block size, got {self.rotation_block}")
+        _check_rotation(self.attention_rotation, f"{where}, attention")
+        if self.attention_rotation and not self.skip:
+            spec = self.attention or AttentionSpec()
+            sizes = {s.block_size for s in (spec.query, spec.key) if s is not None}
+            if not sizes:
+                raise ConfigError(f"{where}, attention: rotation needs a query or key spec (it rotates Q and K before quantizing them)")
+            if len(sizes) > 1:
+                raise ConfigError(f"{where}, attention: rotation needs one block size for query and key, got {sorted(sizes)}")
+            if not _is_power_of_two(self.attention_rotation_block):
+                raise ConfigError(f"{where}, attention: a Hadamard rotation needs a power-of-two block size, "
+                                  f"got {self.attention_rotation_block}")
+
+    @property
+    def rotation_block(self) -> int:
+        """Elements of in_features each Hadamard block rotates (0: no rotation)."""
+        if not self.rotation or self.skip:
+            return 0
+        if self.rotation_size:
+            return self.rotation_size
+        return (self.activation or self.weight).block_size
+
+    @property
+    def attention_rotation_block(self) -> int:
+        """Elements of head_dim each Hadamard block rotates at attention sites (0: no rotation)."""
+        if not self.attention_rotation or self.skip or self.attention is None:
+            return 0
+        return (self.attention.query or self.attention.key).block_size
 
     def matches(self, fqn: str) -> bool:
         return self._pattern.fullmatch(fqn) is not None
@@ -148,7 +209,9 @@ class QuantConfig:
 # --- TOML -------------------------------------------------------------------------------------
 
 _SPEC_KEYS = {"format", "block_size", "scale_mode", "rounding"}
-_RULE_KEYS = {"match", "skip", "weight", "activation", "attention", "weight_storage"}
+_RULE_KEYS = {"match", "skip", "weight", "activation", "attention", "weight_storage", "rotation", "rotation_size",
+              "weight_rounding"}
+_ATTENTION_KEYS = (*ATTENTION_OPERANDS, "rotation")
 _DEFAULT_KEYS = _SPEC_KEYS - {"format"} | {"weight_storage"}
 
 
@@ -203,10 +266,11 @@ def config_from_dict(data: dict, source: str = "<dict>") -> QuantConfig:
             table = raw["attention"]
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: 'attention' must be a table with {', '.join(ATTENTION_OPERANDS)}")
-            bad = set(table) - set(ATTENTION_OPERANDS)
+            bad = set(table) - set(_ATTENTION_KEYS)
             if bad:
-                raise ConfigError(f"{where}: unknown key {sorted(bad)[0]!r} in attention (valid: {', '.join(ATTENTION_OPERANDS)})")
-            attention = AttentionSpec(**{k: _spec(v, defaults, f"{where}, attention.{k}") for k, v in table.items()})
+                raise ConfigError(f"{where}: unknown key {sorted(bad)[0]!r} in attention (valid: {', '.join(_ATTENTION_KEYS)})")
+            attention = AttentionSpec(**{k: _spec(v, defaults, f"{where}, attention.{k}")
+                                         for k, v in table.items() if k != "rotation"})
         try:
             rules.append(Rule(
                 match=raw["match"],
@@ -215,6 +279,10 @@ def config_from_dict(data: dict, source: str = "<dict>") -> QuantConfig:
                 attention=attention,
                 skip=skip,
                 weight_storage=raw.get("weight_storage", defaults.get("weight_storage", "packed")),
+                rotation=raw.get("rotation", ""),
+                rotation_size=raw.get("rotation_size", 0),
+                weight_rounding=raw.get("weight_rounding", "nearest"),
+                attention_rotation=raw.get("attention", {}).get("rotation", "") if isinstance(raw.get("attention"), dict) else "",
                 name=where,
             ))
         except ConfigError:

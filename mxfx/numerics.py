@@ -29,7 +29,7 @@ from torch import Tensor
 from mxfx.errors import FormatError
 from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, ElementFormat, get_format
 
-SCALE_MODES = ("floor", "ceil", "even", "rceil")
+SCALE_MODES = ("floor", "ceil", "even", "rceil", "mse")
 ROUNDINGS = ("even", "away", "toward_zero", "stochastic")
 
 _F32_MANT = 0x7FFFFF
@@ -77,7 +77,7 @@ def shared_exponent(amax_bits: Tensor, fmt: ElementFormat, scale_mode: str) -> T
         # its ceil-log2 is then taken exactly from its bits.
         quotient = amax_bits.view(torch.float32) / fmt.max_normal
         exp = _ceil_log2_bits(quotient.view(torch.int32))
-    else:  # validated by the callers; kept for direct use
+    else:  # validated by the callers; kept for direct use ("mse" needs the block: `_mse_scales`)
         raise FormatError(f"unknown scale mode {scale_mode!r}; valid: {', '.join(SCALE_MODES)}")
     code = exp.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX) + E8M0_BIAS
     return torch.where(efield == 0xFF, E8M0_NAN, code).to(torch.uint8)
@@ -284,8 +284,58 @@ def packed_length(n_codes, fmt: ElementFormat):
     return groups * group * fmt.bits // 8
 
 
+def _pow2_f64(k: Tensor) -> Tensor:
+    """Exactly 2^k in fp64 for integer k (int64) in [-1022, 1023], built from bits."""
+    return ((k + 1023) << 52).view(torch.float64)
+
+
+def _mse_scales(blocks: Tensor, amax: Tensor, fmt: ElementFormat, rounding: str) -> Tensor:
+    """E8M0 scale codes (uint8, (..., n_blocks, 1)) minimizing each block's squared error.
+
+    The candidates are the floor rule's exponent (OCP MX v1.0 §6.3) and its two neighbours:
+    floor + 1 never clips, and every larger exponent is dominated by it (scaling by 2 maps the
+    grid onto a subset of itself, and no value clips any more); floor - 1 trades clipping the
+    block maximum for finer steps on the rest, which pays off mainly for fp4; lower exponents
+    clip the maximum by more than it can win back in practice (the tests compare with a brute
+    force over every exponent). Ties go to the floor rule, then to floor + 1.
+
+    The error of a candidate is computed exactly and summed in a fixed order-free way, so that
+    eager and compiled code choose alike: the element error q - v is exact in fp32 (q is within a
+    factor of two of v, or zero), its square is exact in fp64 (48 significant bits), and it is
+    summed as an int64 in units of 2^(2E + b - 54) (E = floor(log2(amax)), b = ceil(log2(block
+    size))), below which each square is truncated: integer sums do not depend on the order.
+    Elements are rounded with the spec's rounding, except that stochastic rounding chooses with
+    round-to-nearest-even (a random error is no basis for a choice).
+    """
+    amax_bits = amax.view(torch.int32)
+    floor = shared_exponent(amax_bits, fmt, "floor").to(torch.int32)
+    finite = torch.isfinite(amax)
+    log_block = max(blocks.shape[-1] - 1, 0).bit_length()  # ceil(log2(block size))
+    exp = (((amax_bits >> 23) & 0xFF) - 127).to(torch.int64)  # amax < 2^(exp + 1), zero and subnormals too
+    unit = _pow2_f64(54 - log_block - 2 * exp)  # |q - v| < 2^(exp + 1): each scaled square < 2^(56 - b)
+    limit = float(2 ** (56 - log_block))
+    choice = "even" if rounding == "stochastic" else rounding
+
+    def error(code: Tensor) -> Tensor:
+        scaled = blocks * _pow2(E8M0_BIAS - code)
+        diff = (round_elements(scaled, fmt, choice) * _pow2(code - E8M0_BIAS) - blocks).to(torch.float64)
+        square = diff * diff * unit
+        square = torch.where(square < limit, square, limit)  # Inf/NaN (never chosen) stay in range
+        return square.to(torch.int64).sum(dim=-1, keepdim=True)
+
+    lowest, highest = E8M0_BIAS + SCALE_EXP_MIN, E8M0_BIAS + SCALE_EXP_MAX
+    best_code, best_error = floor, error(floor.clamp(lowest, highest))
+    for delta in (1, -1):
+        code = (floor + delta).clamp(lowest, highest)
+        candidate = error(code)
+        better = (candidate < best_error) & finite
+        best_code = torch.where(better, code, best_code)
+        best_error = torch.where(better, candidate, best_error)
+    return best_code.to(torch.uint8)
+
+
 def _scaled_blocks(
-    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool
+    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool, rounding: str = "even"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The front half of quantization: (V / X in fp32, shaped (..., n_blocks, block_size);
     E8M0 scale codes and the fp32 block maxima, both shaped (..., n_blocks, 1))."""
@@ -299,7 +349,10 @@ def _scaled_blocks(
     blocks = x32.reshape(*x32.shape[:-1], n_blocks, block_size)
     # amax propagates NaN (eager and Inductor alike); only this per-block value is bit-cast.
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
+    if scale_mode == "mse":
+        scales = _mse_scales(blocks, amax, fmt, rounding)
+    else:
+        scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
     return blocks * _pow2(E8M0_BIAS - scales.to(torch.int32)), scales, amax  # V / X, exact
 
 
@@ -318,7 +371,7 @@ def quantize_last_axis(
     n_blocks = ceil(n / block_size).
     """
     fmt = get_format(elem_format)
-    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding)
     # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero. The test
     # is on amax, not on the scale code (the same blocks): where Inductor inlined the scale-code
     # test into the packing loop, re-deriving it per element cost 1.5-2x the whole kernel.
@@ -357,7 +410,7 @@ def fake_quantize_last_axis(
     Skips packing (a bijection) so that Inductor emits one simple fused kernel.
     """
     fmt = get_format(elem_format)
-    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals)
+    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding)
     out = round_elements(scaled, fmt, rounding, seed) * decode_scales(scales)
     out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
     return out[..., : x.shape[-1]].to(x.dtype)

@@ -19,15 +19,18 @@ import torch
 from torch import fx
 
 from mxfx.config import QuantConfig, load_config
-from mxfx.errors import InputGuardError, MXFXWarning, MXTypeError
+from mxfx.errors import ConfigError, InputGuardError, MXFXWarning, MXTypeError
 from mxfx.export import export, tracing_lock, used_dynamic_shapes
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
+from mxfx.passes.gptq_weights import GPTQWeightsPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_attention_sites import SDPA, MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
+from mxfx.passes.rotate_attention import RotateAttentionPass
+from mxfx.passes.rotate_linear import RotateLinearPass
 from mxfx.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ def prepare(
     example_kwargs: dict | None = None,
     strict: bool = False,
     dynamic_shapes: Any = "auto",
+    calibration: Any = None,
 ) -> fx.GraphModule:
     """Export `model` and quantize the linear sites its config selects to MX.
 
@@ -78,6 +82,8 @@ def prepare(
         dynamic_shapes: "auto" (default): every input dimension the model lets vary stays dynamic
             (other batch sizes and sequence lengths need no new prepare; see `mxfx.export`);
             None: static shapes; else torch.export's dynamic_shapes.
+        calibration: batches for rules with `weight_rounding = "gptq"` (an iterable of tensors,
+            tuples of positional inputs, or dicts with "args"/"kwargs"), run through the graph.
 
     Returns:
         An nn.Module (fx.GraphModule) with the model's call signature and output structure, for
@@ -92,6 +98,8 @@ def prepare(
     if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise MXTypeError(f"prepare takes an nn.Module or an ExportedProgram, got {type(model).__name__}")
     config = load_config(config)
+    if calibration is None and any(r.weight_rounding == "gptq" and not r.skip for r in config.rules):
+        raise ConfigError("weight_rounding = 'gptq' needs calibration data: mxfx.prepare(..., calibration=[batch, ...])")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     with tracing_lock():  # export and the passes' symbolic fake shapes: one thread at a time
@@ -106,7 +114,7 @@ def prepare(
         _detach_parameters(gm)
         if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
             gm._guards_fn = _ExplainedGuards(gm._guards_fn)
-        for pass_ in pipeline(config):
+        for pass_ in pipeline(config, calibration):
             pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
@@ -155,9 +163,10 @@ def matching_passes(config: QuantConfig) -> list:
     return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchAttentionSitesPass(config)]
 
 
-def pipeline(config: QuantConfig) -> list:
-    """The passes prepare runs, in order."""
-    return [*matching_passes(config), InsertQDQPass(config), LowerLinearPass(), QuantizeAttentionPass(config)]
+def pipeline(config: QuantConfig, calibration: Any = None) -> list:
+    """The passes prepare runs, in order (`calibration`: batches for GPTQ sites)."""
+    recovery = [RotateLinearPass(config), RotateAttentionPass(config), GPTQWeightsPass(config, calibration)]
+    return [*matching_passes(config), *recovery, InsertQDQPass(config), LowerLinearPass(), QuantizeAttentionPass(config)]
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:

@@ -114,9 +114,14 @@ class InsertQDQPass(PassBase):
         # the (out_features, in_features) weight the linear reads, computed once here
         tensor = evaluate_chain(tensor.detach(), attr, chain).contiguous()
         stem = f"mxfx_w{index}_" + str(attr.target).replace(".", "_")
+        # GPTQ's own codes (passes/gptq_weights.py), on a fresh get_attr: stored as computed
+        precomputed = attr.meta.get("mxfx_precomputed_weight") if not chain else None
+        if precomputed is not None and storage == "simulated":
+            gm.register_buffer(f"{stem}_simulated", tensor)
+            return (f"{stem}_simulated",)
         if storage == "packed":
-            data = api.quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
-                                scale_mode=spec.scale_mode, rounding=spec.rounding)
+            data = precomputed if precomputed is not None else api.quantize(
+                tensor, spec.format, block_size=spec.block_size, axis=-1, scale_mode=spec.scale_mode, rounding=spec.rounding)
             gm.register_buffer(f"{stem}_codes", data.codes)
             gm.register_buffer(f"{stem}_scales", data.scales)
             return f"{stem}_codes", f"{stem}_scales"

@@ -66,6 +66,12 @@ attention = { query = "fp8_e4m3", key = "e4m3", probs = { format = "int8", block
         ("[[rule]]\nmatch = '.*'\nweight = 8\n", "a spec is a format name or a table"),
         ("[[rule]]\nmatch = '.*'\nskip = 'yes'\n", "'skip' must be true or false"),
         ("[[rule]]\nmatch = '.*'\nweight_storage = 'zip'\n", "weight_storage must be one of packed, simulated"),
+        ("[[rule]]\nmatch = '.*'\nweight = { format = 'fp8', scale_mode = 'mean' }\n", "unknown scale_mode 'mean'"),
+        ("[[rule]]\nmatch = '.*'\nweight = 'fp8'\nrotation = 'haar'\n", "unknown rotation 'haar'"),
+        ("[[rule]]\nmatch = '.*'\nweight = { format = 'fp8', block_size = 48 }\nrotation = 'hadamard'\n", "power-of-two"),
+        ("[[rule]]\nmatch = '.*'\nweight = 'fp8'\nrotation = 'hadamard'\nrotation_size = -1\n", "rotation_size must be"),
+        ("[[rule]]\nmatch = '.*'\nactivation = 'fp8'\nweight_rounding = 'gptq'\n", "'gptq' needs a weight spec"),
+        ("[[rule]]\nmatch = '.*'\nweight = 'fp8'\nweight_rounding = 'round'\n", "weight_rounding must be one of"),
         ("[[rule]]\nweight = 'fp8'\n", "missing 'match'"),
         ("[[rule]]\nmatch = 3\n", "'match' must be a regex string"),
         ("[[rule]]\nmatch = '.*'\nattention = { qurey = 'fp8' }\n", "unknown key 'qurey' in attention"),
@@ -102,3 +108,22 @@ def test_python_api_validates():
     with pytest.raises(mxfx.ConfigError, match="mxfx.Rule"):
         QuantConfig(("not a rule",))
     assert config_from_dict({"rule": [{"match": ".*", "weight": "mxfp4"}]}).rules[0].weight.format == "fp4_e2m1"
+
+
+def test_recovery_keys(tmp_path):
+    config = load_config(write(tmp_path, """
+[[rule]]
+match = '.*'
+weight = { format = 'fp4', scale_mode = 'mse' }
+activation = { format = 'fp8', block_size = 16 }
+rotation = 'hadamard'
+rotation_size = 64
+weight_rounding = 'gptq'
+attention = { query = 'fp8', key = 'fp8', rotation = 'hadamard' }
+"""))
+    rule = config.rules[0]
+    assert (rule.weight.scale_mode, rule.rotation, rule.rotation_block, rule.weight_rounding) == ("mse", "hadamard", 64, "gptq")
+    assert (rule.attention_rotation, rule.attention_rotation_block) == ("hadamard", 32)
+    with pytest.raises(mxfx.ConfigError, match="block sizes differ"):
+        Rule(".*", weight=MXSpec("fp4"), activation=MXSpec("fp8", 16), rotation="hadamard")
+    assert Rule(".*", weight=MXSpec("fp4")).rotation_block == 0

@@ -1,0 +1,131 @@
+"""GPTQ-quantize the weights of config-selected linears from calibration data (issue #14).
+
+Calibration runs the exported graph (an `fx.Interpreter`) on the batches given to `prepare` and
+records, at each linear site whose rule says `weight_rounding = "gptq"`, the X^T X of the
+linear's input (after RotateLinearPass: the rotated input, matching the rotated weight). Every
+site's Hessian comes from the same unquantized forward passes (not layer-by-layer sequential
+GPTQ, which would feed each layer the outputs of the already quantized ones). `mxfx.gptq` then
+quantizes each weight; the linear reads the GPTQ result from a new buffer, and the codes and
+scales GPTQ computed ride along on that get_attr node (`PRECOMPUTED_META`) for InsertQDQPass to
+store as they are (re-quantizing could pick other scales).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from mxfx.passes._utils import count_rewrites, create_get_attr, evaluate_chain, fake_mode_of, finish
+from mxfx.passes.match_linear_sites import linear_weight
+from mxfx.passes.rotate_linear import attribute, drop_unread
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from mxfx.config import QuantConfig
+from mxfx.errors import ConfigError
+from mxfx.gptq import gptq_quantize
+from mxfx.sites import site_of
+
+log = logging.getLogger(__name__)
+DONE_META = "mxfx_gptq"
+PRECOMPUTED_META = "mxfx_precomputed_weight"  # get_attr node meta: the MXData GPTQ computed
+
+
+def calibration_inputs(batch) -> list:
+    """The flat inputs of one calibration batch: a tensor, a tuple of positional inputs, or a
+    dict with "args" (tuple) and/or "kwargs" (dict)."""
+    if isinstance(batch, torch.Tensor):
+        args, kwargs = (batch,), {}
+    elif isinstance(batch, tuple):
+        args, kwargs = batch, {}
+    elif isinstance(batch, dict) and set(batch) <= {"args", "kwargs"}:
+        args, kwargs = tuple(batch.get("args", ())), dict(batch.get("kwargs", {}))
+    else:
+        raise ConfigError("a calibration batch is a tensor, a tuple of positional inputs, or a dict with "
+                          f"'args' and 'kwargs'; got {type(batch).__name__}")
+    return torch.utils._pytree.tree_leaves((args, kwargs))
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and adds X^T X of the inputs of the watched linear nodes (by input node)."""
+
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, str]) -> None:
+        super().__init__(gm)
+        self.watched = watched  # linear node name -> input node name
+        self.hessians: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node):
+        source = self.watched.get(node.name)
+        if source is not None and source not in self.done:  # q, k and v may share their input
+            self.done.add(source)
+            x = self.env[node.args[0]].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            self.hessians[source] = self.hessians.get(source, 0) + x.T @ x
+        return super().run_node(node)
+
+    def run_batch(self, inputs: list) -> None:
+        self.done: set[str] = set()
+        super().run(*inputs)
+
+
+class GPTQWeightsPass(PassBase):
+    """Replace the weight of each quantized linear site whose rule says `weight_rounding = "gptq"`
+    by its GPTQ result on the site's MX grid.
+
+    Requires: MatchLinearSitesPass annotations (and RotateLinearPass, if any); runs before
+    InsertQDQPass. Ensures: the new get_attr nodes carry meta["val"] and the GPTQ codes; sites
+    are marked, so running twice is a no-op.
+
+    Raises:
+        ConfigError: a site asks for GPTQ and no calibration batches were given.
+    """
+
+    def __init__(self, config: QuantConfig, calibration=None) -> None:
+        self.config = config
+        self.calibration = calibration
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sites = []
+        for node in gm.graph.nodes:
+            site, found = site_of(node), linear_weight(node)
+            if site is None or found is None or not site.quantized or DONE_META in node.meta:
+                continue
+            weight = found  # (get_attr, chain): the weight the linear reads
+            rule = self.config.rules[site.rule]
+            if rule.weight_rounding == "gptq" and rule.weight is not None:
+                sites.append((node, site, weight, rule))
+        if not sites:
+            count_rewrites(gm, type(self).__name__, 0)
+            return PassResult(gm, False)
+        if self.calibration is None:
+            raise ConfigError(f"{sites[0][3].name or 'a rule'} asks for weight_rounding = 'gptq': pass calibration "
+                              "batches to mxfx.prepare(..., calibration=[...])")
+        recorder = _Recorder(gm, {node.name: node.args[0].name for node, *_ in sites})
+        start = time.perf_counter()
+        with torch.no_grad():
+            for index, batch in enumerate(self.calibration):
+                recorder.run_batch(calibration_inputs(batch))
+                log.info("GPTQ calibration: batch %d done (%.1f s)", index + 1, time.perf_counter() - start)
+        if not recorder.hessians:
+            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        fake_mode = fake_mode_of(gm)
+        replaced: set[str] = set()
+        for count, (node, site, weight, rule) in enumerate(sites, 1):
+            hessian = recorder.hessians[node.args[0].name]
+            attr, chain = weight
+            tensor = evaluate_chain(attribute(gm, str(attr.target)).detach(), attr, chain).contiguous()
+            q, data = gptq_quantize(tensor, hessian, rule.weight)
+            name = f"mxfx_gptq{count - 1}_" + str(attr.target).replace(".", "_")
+            gm.register_buffer(name, q.to(node.args[1].meta["val"].dtype))
+            with gm.graph.inserting_before(node):
+                new_weight = create_get_attr(gm, name, fake_mode)
+            new_weight.meta[PRECOMPUTED_META] = data
+            node.update_arg(1, new_weight)
+            replaced.add(str(attr.target))
+            node.meta[DONE_META] = True
+            log.info("GPTQ %d/%d: %s (%.1f s)", count, len(sites), site.fqn, time.perf_counter() - start)
+        finish(gm)
+        drop_unread(gm, replaced)
+        count_rewrites(gm, type(self).__name__, len(sites))
+        return PassResult(gm, True)
