@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -191,11 +192,11 @@ def test_mse_scale_is_the_brute_force_optimum(name):
 
 def test_mse_scale_special_blocks():
     x = torch.tensor([[0.0] * 32, [float("nan")] + [1.0] * 31, [float("inf")] + [1.0] * 31, [2.0**-140] * 32])
-    with pytest.warns(mxfx.MXFXWarning, match="Inf"):
+    with warnings.catch_warnings():  # the Inf warning fires once per process (tested in test_hardening)
+        warnings.simplefilter("ignore", mxfx.MXFXWarning)
         scales = mxfx.quantize(x, "fp4_e2m1", scale_mode="mse").scales[:, 0].tolist()
-    assert scales[:3] == [0, 0xFF, 0xFF]
-    with pytest.warns(mxfx.MXFXWarning, match="Inf"):
         assert mxfx.fake_quantize(x, "fp4_e2m1", scale_mode="mse")[0].eq(0).all()
+    assert scales[:3] == [0, 0xFF, 0xFF]
     assert torch.isfinite(mxfx.fake_quantize(x[3:], "fp8_e4m3", scale_mode="mse")).all()
 
 
