@@ -210,3 +210,22 @@ def eager_numerics() -> dict:
         "cpp.enable_floating_point_contract_flag": "off",
         "fallback_random": True,
     }
+
+
+def register_realize_lowering(op: torch._ops.OpOverload) -> None:
+    """Lower the identity op `op` in Inductor by realizing its input into a buffer.
+
+    Inductor inlines an unrealized producer (GELU, LayerNorm, residual adds) into every loop of
+    its consumer; an MX quantizer reads each block twice (the block amax, then the elements), so
+    the producer was computed twice per element. Realizing it first costs one write and one read
+    instead. Idempotent; imports Inductor's lowering table only when called.
+    """
+    from torch._inductor import lowering
+
+    if op in lowering.lowerings:
+        return
+
+    @lowering.register_lowering(op, type_promotion_kind=None)
+    def _realize(x):
+        x.realize()
+        return x

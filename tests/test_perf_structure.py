@@ -1,0 +1,63 @@
+"""Structure of the code Inductor generates for quantized graphs: no recomputed producers, no
+leftover calls into Python. Never timings (issue #15; the benchmarks measure time)."""
+
+import pytest
+import torch
+from conftest import bits_equal
+
+import mxfx
+from mxfx._compat import run_and_get_code
+from mxfx.config import MXSpec, QuantConfig, Rule
+
+
+def erf_count(code: list[str]) -> int:
+    """GELU's erf evaluations in generated CPU code (vectorised and scalar spellings)."""
+    return sum(c.count(".erf()") + c.count("std::erf(") for c in code)
+
+
+@pytest.mark.slow
+def test_producer_of_fake_quantize_is_computed_once(fresh_dynamo):
+    # The quantizer reads each block twice (amax, then elements); an unrealized GELU used to be
+    # inlined into both loops (two erf per element). Now it is realized once, as in fp32.
+    x = torch.randn(64, 96)
+
+    def gelu(t):
+        return torch.nn.functional.gelu(t * 2.0)
+
+    produced, gelu_code = run_and_get_code(torch.compile(gelu, fullgraph=True), x)
+    assert erf_count(gelu_code) == 1, gelu_code
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(torch.compile(lambda t: mxfx.fake_quantize(gelu(t), "fp8_e4m3"), fullgraph=True), x)
+    assert erf_count(code) == 1, code[0]
+    assert "torch.ops.mxfx" not in code[0]  # the realize hint is lowered, never a Python call
+    # Realizing changes no bit: the result is the reference kernel applied to the compiled GELU.
+    assert bits_equal(compiled, mxfx.fake_quantize(produced, "fp8_e4m3"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["simulated", "packed"])
+def test_prepared_mlp_computes_gelu_once(storage, fresh_dynamo):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    x = torch.randn(2, 8, 64)
+    spec = MXSpec("fp8_e4m3")
+    config = QuantConfig((Rule(match=".*", weight=spec, activation=spec, weight_storage=storage),))
+    prepared = mxfx.prepare(model, config, (x,))
+    with torch.no_grad():
+        eager = prepared(x)
+        compiled, code = run_and_get_code(torch.compile(prepared), x)
+    assert erf_count(code) == 1, code[0]
+    assert "torch.ops.mxfx" not in code[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # GEMM order may differ
+
+
+def test_realize_hint_stays_out_of_eager_and_exported_graphs():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    spec = MXSpec("fp8_e4m3")
+    config = QuantConfig((Rule(match=".*", weight=spec, activation=spec),))
+    prepared = mxfx.prepare(model, config, (torch.randn(4, 64),))
+    targets = {str(node.target) for node in prepared.graph.nodes}
+    assert any("mxfx" in t for t in targets)  # the graph is quantized ...
+    assert not any("realize" in t for t in targets)  # ... by the ops alone
+    x = torch.randn(3, 64)
+    assert torch.equal(torch.ops.mxfx.realize(x), x)  # the identity in eager
