@@ -5,13 +5,14 @@
 Each rank measures every `world_size`-th work item (a (site, candidate) pair) and the results are
 gathered with `all_gather_object`, so every rank returns the same report, rows in the same order
 as one process would give. A process group that is already initialized is used as it is; without
-one, a group is initialized (and destroyed at the end) when the torchrun environment variables say
-there are several ranks (`WORLD_SIZE` > 1 with `RANK`, `MASTER_ADDR`, `MASTER_PORT`): gloo on CPU,
-nccl when CUDA is available. Otherwise everything runs in this process.
+one, a group is initialized (once per process, destroyed at exit) when the torchrun environment
+variables say there are several ranks (`WORLD_SIZE` > 1 with `RANK`, `MASTER_ADDR`, `MASTER_PORT`):
+gloo on CPU, nccl when CUDA is available. Otherwise everything runs in this process.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -35,10 +36,8 @@ def _env_world_size() -> int:
 
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
-    """(rank, world_size) for a sharded run; initializes a group from the environment if needed.
-
-    A group this function initialized is destroyed on exit; one the caller initialized is kept.
-    """
+    """(rank, world_size) for a sharded run; initializes a group from the environment if needed
+    (kept for later calls and destroyed at interpreter exit)."""
     if dist.is_available() and dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
@@ -49,10 +48,15 @@ def process_group() -> Iterator[tuple[int, int]]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
     dist.init_process_group(backend)
+    # Kept for the process's lifetime (destroyed at exit), not per call: re-initializing on the
+    # same MASTER_PORT can meet the previous group's rendezvous keys and fail to connect.
+    atexit.register(_destroy)
     log.info("initialized a %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
+    yield dist.get_rank(), dist.get_world_size()
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -348,7 +348,9 @@ def _site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple
         xq = x if activation_format is None else fake_quantize(x, activation_format, block_size=block_size)
         wq = w if weight_format is None else fake_quantize(w, weight_format, block_size=block_size)
         return F.linear(x, w, b), F.linear(xq, wq, b)
-    _, q, k, v, mask, is_causal, scale, gqa, _ = record
+    _, q, k, v, mask, is_causal, scale, gqa, dropout_p = record
+    if dropout_p != 0.0:  # mxfx.attention has no dropout, and prepare leaves such a site alone
+        raise MXValueError(f"an SDPA site has dropout_p={dropout_p}; measure a model whose attention dropout is off")
     spec = MXSpec(activation_format, block_size).to_arg()
     reference = torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, "", "", "", "")
     return reference, torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, spec, spec, spec, spec)

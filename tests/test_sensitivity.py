@@ -137,6 +137,18 @@ def test_all_but_one_lists_the_most_helpful_exclusion_first():
     assert report.sorted_rows("sqnr")[0]["site"] == "b"  # leaving b out gives the best SQNR
 
 
+def test_all_but_one_loss_is_the_marginal_damage():
+    model, batches = tiny_mlp()
+    report = mxfx.sensitivity(model, batches, ["fp4_e2m1"], mode="all-but-one", progress=None)
+    spec = mxfx.MXSpec("fp4_e2m1")
+    rule = lambda name: mxfx.Rule(match=name, weight=spec, activation=spec)  # noqa: E731
+    everything = mxfx.evaluate(model, batches, mxfx.QuantConfig((rule(r"net\.\d"),)))["mse"]
+    row = next(r for r in report.rows if r["site"] == "net.2")
+    without = mxfx.evaluate(model, batches, mxfx.QuantConfig((rule(r"net\.[04]"),)))
+    assert row["mse"] == without["mse"] and row["kl"] == without["kl"]
+    assert row["loss"] == pytest.approx(everything - without["mse"], rel=1e-12)
+
+
 def _spearman(a, b):
     ranks = lambda v: {k: i for i, k in enumerate(sorted(v, key=v.get))}  # noqa: E731
     ra, rb = ranks(a), ranks(b)
@@ -427,6 +439,7 @@ def test_cli_sensitivity_gradient(tmp_path):
     assert result.returncode == 1 and "differing: mode" in result.stderr
 
 
+@pytest.mark.slow
 def test_gradient_loss_fn_sees_a_hugging_face_output():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
