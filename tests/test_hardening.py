@@ -11,11 +11,11 @@ import torch
 from conftest import FORMAT_NAMES, bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_zoo import MLP, CausalSelfAttention
 from scalar_reference import fake_quantize_block
 
 import mxfx
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
-from mxfx.model_zoo import MLP, CausalSelfAttention
 
 E4M3 = MXSpec("fp8_e4m3")
 ALL = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3),))

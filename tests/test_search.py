@@ -8,9 +8,9 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import FragileMLP, NanoGPT
 
 import mxfx
-from mxfx.model_zoo import FragileMLP, NanoGPT
 from mxfx.search import bits_per_element, measure, to_toml
 from mxfx.solver import solve
 
@@ -233,7 +233,7 @@ def test_cli_search_one_budget_and_a_front(tmp_path):
 
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
         import torch
-        from mxfx.model_zoo import FragileMLP, NanoGPT
+        from model_zoo import FragileMLP, NanoGPT
         def fragile():
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)

@@ -12,10 +12,10 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import MLP, FragileMLP, NanoGPT
 
 import mxfx
 from mxfx.metrics import MetricAccumulator
-from mxfx.model_zoo import MLP, FragileMLP, NanoGPT
 from mxfx.sensitivity import SensitivityReport, parse_candidates
 
 FORMATS = ["fp8_e4m3", "fp4_e2m1"]
@@ -342,7 +342,7 @@ def _free_port() -> int:
 
 _RANKS_SCRIPT = """
 import os, sys, torch, mxfx
-from mxfx.model_zoo import MLP
+from model_zoo import MLP
 torch.manual_seed(0)
 model, batches = MLP(d=32, hidden=32, out=8), [torch.randn(4, 32) for _ in range(2)]
 for mode in ("isolated", "gradient"):
@@ -422,7 +422,7 @@ def test_bad_arguments():
 def test_cli_sensitivity_gradient(tmp_path):
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
         import torch
-        from mxfx.model_zoo import FragileMLP
+        from model_zoo import FragileMLP
         def fragile():
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from conftest import bits_equal
+from model_zoo import MLP
 
 import mxfx
 from mxfx import divergence, noise
-from mxfx.model_zoo import MLP
 
 ALL = mxfx.QuantConfig((mxfx.Rule(match=".*", weight=mxfx.MXSpec("fp8_e4m3"), activation=mxfx.MXSpec("fp8_e4m3")),))
 
