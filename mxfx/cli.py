@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mxfx.errors import MXValueError
+
 
 def _progress(message: str) -> float:
     print(f"mxfx: {message}...", file=sys.stderr, flush=True)
@@ -41,7 +43,7 @@ def parse_inputs(spec: str) -> tuple:
         shape = tuple(int(s) for s in shape_text.lower().split("x"))
         dtype = getattr(torch, dtype_text or "float32", None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype_text!r} in --inputs {spec!r}")
+            raise MXValueError(f"unknown dtype {dtype_text!r} in --inputs {spec!r}")
         tensors.append(torch.randint(0, 100, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype))
     return tuple(tensors)
 
@@ -49,7 +51,7 @@ def parse_inputs(spec: str) -> tuple:
 def load_factory(target: str):
     module_name, _, attr = target.partition(":")
     if not attr:
-        raise ValueError(f"MODEL must be 'package.module:factory', got {target!r}")
+        raise MXValueError(f"MODEL must be 'package.module:factory', got {target!r}")
     sys.path.insert(0, ".")
     factory = getattr(importlib.import_module(module_name), attr)
     result = factory()
@@ -96,7 +98,7 @@ def _example_inputs(args):
     if args.inputs:
         example = parse_inputs(args.inputs)
     if example is None:
-        raise ValueError("no example inputs: pass --inputs (e.g. 2x16:int64) or return (model, inputs) from the factory")
+        raise MXValueError("no example inputs: pass --inputs (e.g. 2x16:int64) or return (model, inputs) from the factory")
     return model, example if isinstance(example, tuple) else (example,)
 
 
@@ -111,7 +113,7 @@ def _cmd_sensitivity(args) -> None:
 
     model, example = _example_inputs(args)
     if args.candidates and args.formats:
-        raise ValueError("pass --formats or --candidates, not both")
+        raise MXValueError("pass --formats or --candidates, not both")
     candidates = parse_candidates(args.candidates) if args.candidates else None
     formats = None if candidates else (args.formats or "fp8_e4m3,fp6_e2m3,fp4_e2m1,int8").split(",")
     if args.fresh:
@@ -132,7 +134,7 @@ def _cmd_search(args) -> None:
 
     model, example = _example_inputs(args)
     if (args.budget_bits is None) == (args.budgets is None):
-        raise ValueError("pass --budget-bits B (one config) or --budgets B1,B2,... (a front)")
+        raise MXValueError("pass --budget-bits B (one config) or --budgets B1,B2,... (a front)")
     choice = {"candidates": parse_candidates(args.candidates)} if args.candidates else {"formats": args.formats.split(",")}
     common = dict(choice, act_budget_bits=args.act_budget_bits, mode=args.mode, metric=args.metric,
                   sites=args.sites.split(",") if args.sites else None, progress=_print_progress)

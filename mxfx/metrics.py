@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mxfx.errors import MXValueError
+
 METRICS = ("sqnr", "mse", "cosine", "kl", "rel_error")
 HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False, "kl": False, "rel_error": False}
 
@@ -48,7 +50,7 @@ class MetricAccumulator:
     def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
         """Add one batch: `reference` (high precision) and `test` (quantized) of the same shape."""
         if reference.shape != test.shape:
-            raise ValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(test.shape)}")
+            raise MXValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(test.shape)}")
         ref = reference.detach().to(torch.float64)
         tst = test.detach().to(torch.float64)
         rows_ref = ref.reshape(-1, ref.shape[-1]) if ref.dim() else ref.reshape(1, 1)

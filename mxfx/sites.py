@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from mxfx.config import AttentionSpec, MXSpec, QuantConfig
+from mxfx.errors import MXValueError
 
 # node.meta keys, defined once. SITE_META holds the Site of the node that *is* the site (the
 # canonical aten.linear, the SDPA or mxfx.attention call, or the softmax of an explicit attention).
@@ -69,9 +70,9 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
+            raise MXValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
         if self.status not in STATUSES:
-            raise ValueError(f"Site.status must be one of {STATUSES}, got {self.status!r}")
+            raise MXValueError(f"Site.status must be one of {STATUSES}, got {self.status!r}")
 
     @property
     def quantized(self) -> bool:

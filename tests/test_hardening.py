@@ -368,3 +368,19 @@ def test_threads_prepare_concurrently_like_sequentially():
     for t in threads:
         t.join()
     assert all(bits_equal(a, b) for a, b in zip(results, sequential))
+
+
+def test_deliberate_errors_outside_the_numerics_are_mxfx_errors():
+    from mxfx.cli import load_factory, parse_inputs
+    from mxfx.metrics import MetricAccumulator
+
+    with pytest.raises(mxfx.MXValueError, match="Site.kind"):
+        mxfx.Site(fqn="a", kind="conv", form="linear", node="n")
+    with pytest.raises(mxfx.MXValueError, match="Site.status"):
+        mxfx.Site(fqn="a", kind="linear", form="linear", node="n", status="maybe")
+    with pytest.raises(mxfx.MXValueError, match="unknown dtype"):
+        parse_inputs("2x3:float99")
+    with pytest.raises(mxfx.MXValueError, match="package.module:factory"):
+        load_factory("no_colon_here")
+    with pytest.raises(mxfx.MXValueError, match="shapes"):
+        MetricAccumulator().add(torch.zeros(2, 3), torch.zeros(3, 2))
