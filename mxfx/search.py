@@ -149,13 +149,17 @@ def _rows_from_report(report) -> list[dict]:
 
 
 def _is_causal_lm(model, batch: tuple) -> bool:
-    """Integer token ids in and [B, T, vocab] logits out (one forward pass to look)."""
+    """Integer token ids in and [B, T, vocab] logits out (one forward pass to look): the last axis
+    must cover every token id (an encoder's [B, T, hidden] states do not), and a Hugging Face
+    model must be able to generate (a masked LM's logits are not next-token predictions)."""
     tokens = batch[0] if batch else None
     if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dim() != 2:
         return False
+    if callable(getattr(model, "can_generate", None)) and not model.can_generate():
+        return False
     with torch.no_grad():
         out = _first_float(model(*batch))
-    return out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)
+    return out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape) and out.shape[-1] > int(tokens.max())
 
 
 def measure(model, batches, candidates, *, mode="gradient", sites=None, block_size=32, loss_fn=None,

@@ -142,6 +142,20 @@ def test_causal_lms_get_the_next_token_cross_entropy():
     assert rows[0]["site"] == "lm_head" and rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_encoders_and_masked_lms_are_not_taken_for_causal_lms():
+    from mxfx.search import _is_causal_lm
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 100, (2, 8))
+    assert _is_causal_lm(NanoGPT(vocab=128, d=32, n_layer=1, n_head=2, block_size=16), (tokens,))
+    # an encoder's hidden states have the [B, T, *] shape of logits (hidden 32 < token ids up to 99)
+    bert = dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    assert not _is_causal_lm(transformers.BertModel(transformers.BertConfig(**bert)).eval(), (tokens,))
+    # a masked LM's logits cover the vocabulary but are not next-token predictions
+    assert not _is_causal_lm(transformers.BertForMaskedLM(transformers.BertConfig(**bert)).eval(), (tokens,))
+
+
 def test_single_budget_with_equal_widths_and_toml_round_trip(tmp_path):
     model, batches = fixture()
     config, result = mxfx.search(model, batches, ["fp8_e4m3", "int8", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"],
