@@ -1,6 +1,7 @@
 """The budget solver (against brute force) and the mixed-precision search: fronts, sites, TOML, plot."""
 
 import itertools
+import os
 import random
 import sys
 from fractions import Fraction
@@ -13,6 +14,8 @@ from model_zoo import FragileMLP, NanoGPT
 import mxfx
 from mxfx.search import bits_per_element, measure, to_toml
 from mxfx.solver import solve
+
+TESTS = os.path.dirname(os.path.abspath(__file__))  # for subprocesses: model_zoo lives here
 
 PAIRS = [("fp4_e2m1", "fp8_e4m3"), ("fp6_e2m3", "fp6_e2m3"), ("fp8_e4m3", "fp8_e4m3"), ("int8", "int8")]
 
@@ -252,7 +255,7 @@ def test_cli_search_one_budget_and_a_front(tmp_path):
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)
     """))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), TESTS])}  # the factory, model_zoo
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "mxfx", "search", "fragile_models:fragile", *args], capture_output=True,

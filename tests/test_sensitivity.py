@@ -18,6 +18,8 @@ import mxfx
 from mxfx.metrics import MetricAccumulator
 from mxfx.sensitivity import SensitivityReport, parse_candidates
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # for subprocesses: model_zoo lives here
+
 FORMATS = ["fp8_e4m3", "fp4_e2m1"]
 
 
@@ -360,9 +362,10 @@ for mode in ("isolated", "gradient"):
 def test_two_torchrun_ranks_give_the_single_process_report(tmp_path):
     # torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT): sensitivity initializes gloo itself
     (tmp_path / "ranks.py").write_text(_RANKS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}  # model_zoo
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "--master-port", str(_free_port()), str(tmp_path / "ranks.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.manual_seed(0)
     model, batches = MLP(d=32, hidden=32, out=8), [torch.randn(4, 32) for _ in range(2)]
@@ -427,7 +430,7 @@ def test_cli_sensitivity_gradient(tmp_path):
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)
     """))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), TESTS])}  # the factory, model_zoo
     run = lambda *a: subprocess.run([sys.executable, "-m", "mxfx", *a], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)  # noqa: E731
     result = run("sensitivity", "fragile_models:fragile", "--mode", "gradient", "--candidates",
                  "fp4_e2m1,fp8_e4m3:none", "--out", "r.json", "--md")
