@@ -22,17 +22,19 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
+from mxfx.config import MXSpec
 from mxfx.numerics import fake_quantize_last_axis
 
 
-def _maybe_quantize(x: Tensor, spec: str, axis: int) -> Tensor:
-    """x in fp32, fake-quantized along `axis` when `spec` is set."""
+def quantize_operand(x: Tensor, spec: str, axis: int = -1) -> Tensor:
+    """x in fp32, fake-quantized along `axis` when `spec` (`MXSpec.to_arg()`, "" for none) is set."""
     x = x.to(torch.float32)
-    if not spec:
+    parsed = MXSpec.from_arg(spec)
+    if parsed is None:
         return x
-    fmt, block, scale_mode, rounding = spec.split("/")
     moved = x.movedim(axis, -1)
-    return fake_quantize_last_axis(moved, fmt, int(block), scale_mode, rounding).movedim(-1, axis)
+    return fake_quantize_last_axis(moved, parsed.format, parsed.block_size, parsed.scale_mode,
+                                   parsed.rounding).movedim(-1, axis)
 
 
 def attention_reference(
@@ -44,8 +46,8 @@ def attention_reference(
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
-    q = _maybe_quantize(query, query_spec, -1)
-    k = _maybe_quantize(key, key_spec, -1)
+    q = quantize_operand(query, query_spec, -1)
+    k = quantize_operand(key, key_spec, -1)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     length, source = query.shape[-2], key.shape[-2]
@@ -57,8 +59,8 @@ def attention_reference(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(torch.float32)
-    probs = _maybe_quantize(torch.softmax(scores, dim=-1), probs_spec, -1)
-    v = _maybe_quantize(value, value_spec, -2)
+    probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1)
+    v = quantize_operand(value, value_spec, -2)
     return _sdpa_layout(torch.matmul(probs, v).to(query.dtype))
 
 

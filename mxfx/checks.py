@@ -21,8 +21,8 @@ import warnings
 import torch
 from torch import Tensor, fx
 
+from mxfx.attention import quantize_operand
 from mxfx.errors import MXFXWarning, MXTypeError
-from mxfx.numerics import fake_quantize_last_axis
 from mxfx.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
 
 __all__ = ["NonFinite", "check_nonfinite"]
@@ -139,21 +139,12 @@ def _quantized_operands(node: fx.Node, env: dict, roles: dict) -> list[tuple[tup
     return []
 
 
-def _spec_quantize(x: Tensor, spec: str) -> Tensor:
-    """x in fp32, fake-quantized along the last axis when `spec` ("format/block/scale/rounding") is set."""
-    x = x.to(torch.float32)
-    if not spec:
-        return x
-    fmt, block, scale_mode, rounding = spec.split("/")
-    return fake_quantize_last_axis(x, fmt, int(block), scale_mode, rounding)
-
-
 def _attention_probs(q, k, mask, is_causal, scale, enable_gqa, q_spec, k_spec) -> Tensor:
     """P = softmax(Q K^T * scale + mask) as `mxfx::attention` computes it before quantizing P."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(_spec_quantize(q, q_spec), _spec_quantize(k, k_spec).transpose(-2, -1)) * scale
+    scores = torch.matmul(quantize_operand(q, q_spec), quantize_operand(k, k_spec).transpose(-2, -1)) * scale
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, -math.inf)

@@ -19,6 +19,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
+from mxfx.config import MXSpec
 from mxfx.errors import ArchiveError, MXTypeError
 from mxfx.passes._utils import module_path
 from mxfx.passes.match_attention_sites import SOFTMAXES
@@ -45,6 +46,12 @@ def _rule_label(gm: fx.GraphModule, node: fx.Node) -> str:
     if site is None or site.rule is None:
         return "-"
     return site.rule_label.split(" in ")[0]
+
+
+def _arg_text(arg: str) -> str:
+    """An attention operand's spec argument (`MXSpec.to_arg()`, "" for none) as table text."""
+    spec = MXSpec.from_arg(arg)
+    return "-" if spec is None else _spec_text(spec.format, spec.block_size, spec.scale_mode, spec.rounding)
 
 
 def _spec_text(fmt: str, block: int, scale_mode: str = "floor", rounding: str = "even") -> str:
@@ -131,7 +138,7 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
                              site.weight_storage or "-", before=nbytes, after=nbytes,
                              bits=float(8 * weight.dtype.itemsize)))
         elif node.target is mxfx_ops.attention.default:
-            specs = [("-" if not s else _spec_text(*s.split("/")[:2])) for s in node.args[7:11]]
+            specs = [_arg_text(s) for s in node.args[7:11]]
             rows.append(_row(_site_name(node), "attention (sdpa)", _rule_label(gm, node), "-",
                              f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}", "-"))
         elif node.target in (aten.matmul.default, aten.bmm.default, aten.einsum.default):
@@ -242,7 +249,7 @@ def _describe_op(node: fx.Node) -> str:
     if node.target is mxfx_ops.dequantize.default:
         return f"{_spec_text(a[2], a[3])} along axis {a[4]}"
     if node.target is mxfx_ops.attention.default:
-        specs = ["-" if not spec else _spec_text(*spec.split("/")) for spec in a[7:11]]
+        specs = [_arg_text(spec) for spec in a[7:11]]
         return f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}"
     return str(node.target)
 

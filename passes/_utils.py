@@ -17,6 +17,8 @@ from mxfx import _compat
 aten = torch.ops.aten
 
 MXFX_META = "mxfx"  # gm.meta[MXFX_META]: {"rewrites": {pass: n}, "sites": [...], ...}
+LOWERED_META = "mxfx_lowered"  # node.meta key: LowerLinearPass made this mxfx.linear
+PRECOMPUTED_META = "mxfx_precomputed_weight"  # get_attr node meta: MXData computed by GPTQWeightsPass
 QDQ_DONE_META = "mxfx_qdq"  # node.meta key: InsertQDQPass has processed this linear (its specs: the Site)
 
 

@@ -16,7 +16,7 @@ import logging
 import time
 
 import torch
-from mxfx.passes._utils import count_rewrites, create_get_attr, evaluate_chain, fake_mode_of, finish
+from mxfx.passes._utils import PRECOMPUTED_META, count_rewrites, create_get_attr, evaluate_chain, fake_mode_of, finish
 from mxfx.passes.match_linear_sites import linear_weight
 from mxfx.passes.rotate_linear import attribute, drop_unread
 from torch import fx
@@ -29,7 +29,6 @@ from mxfx.sites import site_of
 
 log = logging.getLogger(__name__)
 DONE_META = "mxfx_gptq"
-PRECOMPUTED_META = "mxfx_precomputed_weight"  # get_attr node meta: the MXData GPTQ computed
 
 
 def calibration_inputs(batch) -> list:

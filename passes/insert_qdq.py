@@ -16,6 +16,7 @@ import logging
 
 import torch
 from mxfx.passes._utils import (
+    PRECOMPUTED_META,
     QDQ_DONE_META,
     chain_key,
     count_rewrites,
@@ -115,7 +116,7 @@ class InsertQDQPass(PassBase):
         tensor = evaluate_chain(tensor.detach(), attr, chain).contiguous()
         stem = f"mxfx_w{index}_" + str(attr.target).replace(".", "_")
         # GPTQ's own codes (passes/gptq_weights.py), on a fresh get_attr: stored as computed
-        precomputed = attr.meta.get("mxfx_precomputed_weight") if not chain else None
+        precomputed = attr.meta.get(PRECOMPUTED_META) if not chain else None
         if precomputed is not None and storage == "simulated":
             gm.register_buffer(f"{stem}_simulated", tensor)
             return (f"{stem}_simulated",)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
+from mxfx.passes._utils import LOWERED_META, count_rewrites, create_call, fake_mode_of, finish
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -51,7 +51,7 @@ class LowerLinearPass(PassBase):
                     node, fake_mode,
                 )
             fused.meta.update({k: v for k, v in node.meta.items() if k.startswith("mxfx_")})
-            fused.meta["mxfx_lowered"] = True
+            fused.meta[LOWERED_META] = True
             node.replace_all_uses_with(fused)
             gm.graph.erase_node(node)
             rewrites += 1

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 
 import torch
-from mxfx.passes._utils import QDQ_DONE_META, count_rewrites, linear_site_name, weight_chain
+from mxfx.passes._utils import LOWERED_META, QDQ_DONE_META, count_rewrites, linear_site_name, weight_chain
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -49,7 +49,7 @@ class MatchLinearSitesPass(PassBase):
                 changed += annotate(node, dataclasses.replace(old, rule=fields["rule"], rule_label=fields["rule_label"]))
                 continue
             found = linear_weight(node)
-            if found is None or node.meta.get("mxfx_lowered") or QDQ_DONE_META in node.meta:
+            if found is None or node.meta.get(LOWERED_META) or QDQ_DONE_META in node.meta:
                 continue
             attr, chain = found
             fqn = linear_site_name(node, attr, chain)
