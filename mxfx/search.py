@@ -94,17 +94,6 @@ def normalize_candidates(formats: Iterable[str] | None, candidates: Iterable[Seq
     return out
 
 
-def _batches(inputs) -> list[tuple]:
-    if isinstance(inputs, torch.Tensor):
-        return [(inputs,)]
-    if isinstance(inputs, tuple):
-        return [inputs]
-    batches = [b if isinstance(b, tuple) else (b,) for b in inputs]
-    if not batches:
-        raise MXValueError("search needs at least one input batch")
-    return batches
-
-
 def _first_float(output: Any) -> torch.Tensor:
     """The first floating-point tensor of a model output (logits, last_hidden_state, ...)."""
     stack = [output]
@@ -173,7 +162,7 @@ def measure(model, batches, candidates, *, mode="gradient", sites=None, block_si
     """
     if mode not in MODES:
         raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    batches = _batches(batches)
+    batches = _sensitivity_module.as_batches(batches, "search")
     if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
         loss_fn = causal_lm_loss
     report = _sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
@@ -391,14 +380,14 @@ def search(
     else:
         metric, higher_is_better = metric or "eval", bool(higher_is_better)
     candidates = normalize_candidates(formats, candidates)
-    batches = _batches(inputs)
+    batches = _sensitivity_module.as_batches(inputs, "search")
     wanted = None if sites is None else list(dict.fromkeys(sites))
     rows = _rows_from_report(report) if report is not None else measure(
         model, batches, candidates, mode=mode, sites=wanted, block_size=block_size, loss_fn=loss_fn, progress=progress)
     table = _loss_table(rows, candidates, wanted)
     hp_weight_bits = next((p.dtype.itemsize * 8 for p in model.parameters() if p.is_floating_point()), 32)
     program = export(model, batches[0])
-    evaluate = _evaluator(program, batches[0], _batches(eval_inputs) if eval_inputs is not None else batches, eval_fn, metric)
+    evaluate = _evaluator(program, batches[0], _sensitivity_module.as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric)
     common = dict(table=table, block_size=block_size, hp_weight_bits=hp_weight_bits, act_budget_bits=act_budget_bits,
                   mode=mode if report is None else getattr(report, "mode", mode))
     if budget_bits is not None:

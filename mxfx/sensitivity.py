@@ -140,16 +140,18 @@ def _primary_output(output: Any) -> torch.Tensor:
     raise MXValueError("the model output holds no floating-point tensor to compare")
 
 
-def _batches(inputs) -> list[tuple]:
+def as_batches(inputs, caller: str = "sensitivity") -> list[tuple]:
+    """One batch (a tensor or a tuple of positional inputs) or an iterable of them, as a list of
+    tuples; `caller` names the function in the errors (sensitivity, search, evaluate)."""
     if isinstance(inputs, dict):
-        raise MXTypeError("sensitivity takes positional inputs: a tensor, a tuple of them, or a list of such batches")
+        raise MXTypeError(f"{caller} takes positional inputs: a tensor, a tuple of them, or a list of such batches")
     if isinstance(inputs, torch.Tensor):
         return [(inputs,)]
     if isinstance(inputs, tuple):
         return [inputs]
     batches = [b if isinstance(b, tuple) else (b,) for b in inputs]
     if not batches:
-        raise MXValueError("sensitivity needs at least one input batch")
+        raise MXValueError(f"{caller} needs at least one input batch")
     return batches
 
 
@@ -660,7 +662,7 @@ def sensitivity(
     if not isinstance(model, torch.nn.Module):
         raise MXTypeError(f"sensitivity takes an nn.Module, got {type(model).__name__}")
     cands = _candidates(formats, candidates, activations)
-    batches = _batches(inputs)
+    batches = as_batches(inputs)
     program = export(model, batches[0], strict=strict)
     base = program.module()
     find_sites(base)  # annotate only
@@ -873,7 +875,7 @@ def evaluate(model: torch.nn.Module, inputs, config, *, noise: int = 0,
     """
     from mxfx.noise import noise_floor
 
-    batches = _batches(inputs)
+    batches = as_batches(inputs)
     program = export(model, batches[0])
     base = program.module()
     prepared = prepare(program, load_config(config))
