@@ -69,7 +69,7 @@ def auto_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple, example_k
     collection = torch.export.ShapesCollection()
     for leaf in torch.utils._pytree.tree_leaves((example_inputs, example_kwargs or {})):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            collection[leaf] = {i: torch.export.Dim.AUTO if size >= 2 else None for i, size in enumerate(leaf.shape)}
+            collection[leaf] = {i: torch.export.Dim.AUTO if size >= 2 else torch.export.Dim.STATIC for i, size in enumerate(leaf.shape)}
     return collection.dynamic_shapes(model, example_inputs, example_kwargs or {})
 
 
