@@ -42,8 +42,16 @@ from mxfx.errors import MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
 from mxfx.metrics import HIGHER_IS_BETTER, MetricAccumulator
-from mxfx.noise import (DEFAULT_SOURCES, WITHIN_FLOOR, NoiseFloor, check_arguments, noise_floor, noise_floor_of, render,
-                        significant)
+from mxfx.noise import (
+    DEFAULT_SOURCES,
+    WITHIN_FLOOR,
+    NoiseFloor,
+    check_arguments,
+    noise_floor,
+    noise_floor_of,
+    render,
+    significant,
+)
 from mxfx.prepare import prepare
 from mxfx.sites import ATTENTION, LINEAR
 from mxfx.solver import solve
