@@ -37,18 +37,19 @@ quantity a mixed-precision search minimizes):
 Noise floor (`noise=N`, isolated and all-but-one modes): a row's number is a model-output
 measurement, and a last-bit difference in a non-MX op (compiled vs eager, another batch size)
 can move it (`mxfx.noise`). For each candidate, the model with *every* measured site quantized
-with it (all-but-one's reference, the configuration with the most quantizers a row measures) is
-re-measured under N 1-ulp jitters of every MX quantizer's input (plus a batch split) and the
-spread of each metric is its floor (the `loss` floor is the `mse` floor). A row whose value is
-within the floor of its reference is marked `~` in `table()`/`to_markdown()` (the CSV names such
-metrics in a `within_floor` column; the plot greys such cells): "indistinguishable from no
-change". The reference is "no change": for `isolated` the unquantized model (loss and mse 0,
-cosine 1, kl 0, rel_error 0, sqnr inf: a finite SQNR is never within the floor of inf, so read
-the loss column), for `all-but-one` the all-quantized model's metrics (loss 0). The unquantized
-model itself has no MX quantizer, so its own spread under jitter is 0 and says nothing: the
-all-quantized model's spread is the larger, conservative floor for a single-site change (a
-site's effect must exceed the noise of a model with at least as many quantizers). `local` and
-`gradient` re-run no model: their floor is None with the reason, never 0.
+with it (all-but-one's reference, the configuration with the most quantizers any row measures)
+is re-measured under N 1-ulp jitters of every MX quantizer's input (plus a batch split) and the
+spread of each metric is recorded; the `loss` floor is the spread of its MSE. A row is *within
+the floor* when |loss| <= that floor: its damage (isolated: the model-output MSE against the
+unquantized model; all-but-one: MSE(all) - MSE(all but this site)) cannot be told from no change.
+Then every metric of the row is marked `~` in `table()`/`to_markdown()` (the CSV has a
+`within_floor` column, the plot greys the cell). Why this definition: the unquantized model has
+no MX quantizer, so its own spread under jitter is 0 and says nothing; the all-quantized model's
+spread bounds the noise of any configuration with fewer quantizers. The test is made on the
+loss, which is linear in the error energy, because that is what the spread transfers for: SQNR
+and rel_error are the log and square root of the error energy, and their spreads at the
+all-quantized operating point do not carry over to a near-zero error. `local` and `gradient`
+re-run no model: their floor is None with the reason, never 0.
 
 Metric definitions: `mxfx.metrics`. Runs can be resumed (`resume=path`): the file records
 everything that defines the run and a changed run is refused. Work is sharded over
@@ -512,8 +513,8 @@ class SensitivityReport:
     unmeasured: list[dict] = dataclasses.field(default_factory=list)  # {site, kind, reason}
     run: dict = dataclasses.field(default_factory=dict)  # what defines the run (resume checks it)
     # sensitivity(noise=N): {} when not measured; else {"runs": N, "sources": [...], "floor": {candidate
-    # label: {metric: spread, "loss": ...}} or None, "reason": why floor is None, "reference": {label:
-    # {metric: the value a row is compared with}}, "measurements": {label: NoiseFloor.to_dict()}}
+    # label: {"loss": ..., metric: spread}} or None, "reason": why floor is None, "measurements": {label:
+    # NoiseFloor.to_dict() of the all-sites-quantized model}}
     noise: dict = dataclasses.field(default_factory=dict)
 
     def floor(self, candidate: Sequence) -> dict | None:
@@ -523,22 +524,18 @@ class SensitivityReport:
             return None
         return floors.get(candidate if isinstance(candidate, str) else candidate_label(tuple(candidate)))
 
-    def within_floor(self, row: dict, metric: str) -> bool | None:
-        """Whether a row's `metric` is within the noise floor of its reference ("no change",
-        module docstring); None when no floor was measured or the value was not computed."""
-        label = candidate_label((row["weight_format"], row["activation_format"]))
-        floor = self.floor(label)
-        value = row.get(metric)
-        if floor is None or value is None or floor.get(metric) is None:
+    def within_floor(self, row: dict) -> bool | None:
+        """Whether a row's loss is within the noise floor of no change (|loss| <= the loss floor of
+        its candidate, module docstring); None when no floor was measured or the loss was not computed."""
+        floor = self.floor((row["weight_format"], row["activation_format"]))
+        if floor is None or row.get("loss") is None:
             return None
-        reference = 0.0 if metric == "loss" else self.noise["reference"][label][metric]
-        return not significant(value, reference, floor[metric])
+        return not significant(row["loss"], 0.0, floor["loss"])
 
-    def _rendered(self, row: dict, metric: str):
+    def _rendered(self, row: dict, metric: str, within: bool | None):
         value = row.get(metric)
-        within = self.within_floor(row, metric)
-        if value is None or within is None:
-            return value if value is None else format(value, ".4g")
+        if value is None:
+            return None
         return format(value, ".4g") + (WITHIN_FLOOR if within else "")
 
     def _noise_lines(self) -> list[str]:
@@ -548,7 +545,7 @@ class SensitivityReport:
         if self.noise.get("floor") is None:
             return [f"noise floor: not computed: {self.noise.get('reason')}"]
         lines = [f"noise floor ({runs}; spread of the model with every measured site quantized with the candidate); "
-                 f"{WITHIN_FLOOR}: within the floor of no change:"]
+                 f"{WITHIN_FLOOR}: the row's |loss| is within its candidate's loss floor, not distinguishable from no change:"]
         for label, floor in self.noise["floor"].items():
             lines.append(f"  {label}: " + ", ".join(f"{m} {floor[m]:.3g}" for m in ("loss", *METRICS) if floor.get(m) is not None))
         return lines
@@ -580,9 +577,9 @@ class SensitivityReport:
 
     def table(self, tablefmt: str = "simple") -> str:
         headers = ["site", "kind", "weight_format", "activation_format", "loss", *METRICS]
-        marked = self.floor(self.candidates[0]) is not None if self.candidates else False
-        body = [[r.get(h) if h not in ("loss", *METRICS) or not marked else self._rendered(r, h) for h in headers]
-                for r in self.sorted_rows()]
+        marked = bool(self.noise) and self.noise.get("floor") is not None
+        body = [[r.get(h) if h not in ("loss", *METRICS) or not marked else self._rendered(r, h, self.within_floor(r))
+                 for h in headers] for r in self.sorted_rows()]
         text = tabulate(body, headers=[h.removesuffix("_format") for h in headers], tablefmt=tablefmt, floatfmt=".4g",
                         missingval="-", disable_numparse=marked)
         if self.noise:
@@ -595,15 +592,15 @@ class SensitivityReport:
         return self.table("github")
 
     def to_csv(self) -> str:
-        """The rows as CSV (numbers stay numbers); with a noise floor, a `within_floor` column lists
-        the metrics within the floor of no change (where the table shows `~`)."""
+        """The rows as CSV (numbers stay numbers); with a noise floor, a `within_floor` column says
+        (True/False) whether the row is within the floor of no change (where the table shows `~`)."""
         marked = bool(self.noise) and self.noise.get("floor") is not None
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=[*COLUMNS, *(["within_floor"] if marked else [])], extrasaction="ignore")
         writer.writeheader()
         for row in self.sorted_rows():
             if marked:
-                row = {**row, "within_floor": " ".join(m for m in ("loss", *METRICS) if self.within_floor(row, m))}
+                row = {**row, "within_floor": self.within_floor(row)}
             writer.writerow(row)
         return out.getvalue()
 
@@ -654,7 +651,7 @@ class SensitivityReport:
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yticks(range(len(sites)), [f"{name} ({kind[0]})" for kind, name in sites])
         within = {(index[(r["kind"], r["site"])], labels.index(candidate_label((r["weight_format"], r["activation_format"]))))
-                  for r in self.rows if self.within_floor(r, self.metric)}
+                  for r in self.rows if self.within_floor(r)}
         for i, j in within:  # within the noise floor of no change: greyed out
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.75", edgecolor="0.6", zorder=2))
         for i, row in enumerate(grid):
@@ -725,7 +722,7 @@ def sensitivity(
             names what differs; its rows are reused and the file is rewritten as rows complete.
         noise: 0 (default): no noise floor. N >= 1: for each candidate, measure the model with every
             measured site quantized under N 1-ulp jitters (+ `noise_sources`) and keep each
-            metric's spread as the floor (`report.noise`; rows within it of no change are marked
+            metric's spread (`report.noise`; a row whose |loss| is within the loss floor is marked
             `~`, see the module docstring). local/gradient modes record floor None with the reason.
             Every rank of a sharded run measures the floors itself (they are small: N + 2 model
             runs per candidate).
@@ -946,13 +943,10 @@ def _measure_model(program, base, targets, mine, batches, mode, block_size, loss
     return results
 
 
-_NO_CHANGE = {"sqnr": math.inf, "mse": 0.0, "cosine": 1.0, "kl": 0.0, "rel_error": 0.0}
-
-
 def _noise_floors(program, base, targets, candidates, batches, mode, block_size, noise, sources) -> dict:
     """report.noise (see SensitivityReport): per candidate, the spread of every metric of the model
     with all measured sites quantized with it, under `mxfx.noise.noise_floor`."""
-    out = {"runs": noise, "sources": list(sources), "floor": None, "reason": None, "reference": {}, "measurements": {}}
+    out = {"runs": noise, "sources": list(sources), "floor": None, "reason": None, "measurements": {}}
     if mode not in ("isolated", "all-but-one"):
         out["reason"] = (f"{mode} mode compares each site's own output, recomputed from recorded inputs: no model "
                          "measurement to repeat under perturbations (use mode='isolated' or 'all-but-one')")
@@ -974,7 +968,6 @@ def _noise_floors(program, base, targets, candidates, batches, mode, block_size,
         floor = noise_floor(prepared, batches, measure, noise, sources)
         spreads = floor.spreads
         out["floor"][label] = {"loss": spreads["mse"], **spreads}
-        out["reference"][label] = dict(_NO_CHANGE) if mode == "isolated" else dict(floor.metrics)
         out["measurements"][label] = floor.to_dict()
     return out
 
