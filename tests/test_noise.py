@@ -282,3 +282,28 @@ def test_bad_noise_arguments():
         mxfx.sensitivity(model, x, candidates=[FP8], mode="isolated", noise=-1, progress=None)
     with pytest.raises(mxfx.MXValueError, match="unknown noise source"):
         mxfx.search(model, x, candidates=CANDIDATES, budget_bits=6.25, noise=1, noise_sources=("nope",), progress=None)
+
+
+def test_cli_noise_flags(tmp_path, monkeypatch, capsys):
+    import inspect
+    import json
+
+    from mxfx.cli import main
+
+    source = "\n".join(["import torch", "", inspect.getsource(Planted), inspect.getsource(midpoints),
+                        "def planted():\n    return Planted(), (midpoints(),)\n"])
+    (tmp_path / "noise_cli_models.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sensitivity", "noise_cli_models:planted", "--candidates", "fp8_e4m3,fp4_e2m1:fp8_e4m3",
+                 "--mode", "isolated", "--noise", "2", "--out", "r.json"]) == 0
+    out = capsys.readouterr().out
+    marked = {line.split()[0] for line in out.splitlines() if line.startswith(("a ", "b ")) and "~" in line}
+    assert marked == {"b"} and "noise floor (2 jitter(s) + split" in out
+    assert json.loads((tmp_path / "r.json").read_text())["noise"]["floor"]["fp8_e4m3"]["loss"] > 0
+    assert main(["search", "noise_cli_models:planted", "--candidates", "fp8_e4m3,fp4_e2m1:fp8_e4m3", "--budgets",
+                 "6.25", "--mode", "isolated", "--noise", "1", "--out", "front.toml"]) == 0
+    out = capsys.readouterr().out
+    assert "| spread" in out and "| reference" in out and "over 1 jitter(s) + split" in out
+    assert main(["search", "noise_cli_models:planted", "--candidates", "fp8_e4m3,fp4_e2m1:fp8_e4m3", "--budget-bits",
+                 "6.25", "--mode", "isolated", "--noise", "1", "--out", "one.toml"]) == 0
+    assert "spread over the noise runs: MSE" in capsys.readouterr().out
