@@ -390,11 +390,12 @@ class Front:
                         ecolor="0.3", elinewidth=0.8, capsize=3, zorder=1.5)
         styles = (("search", "o", "tab:blue", True, "search: differs from its reference (beyond the spread)"),
                   ("search", "o", "tab:blue", False, "search: within the spread of its reference (not significant)"),
+                  ("search", "o", "tab:blue", None, "search: no uniform config at or under its budget"),
                   ("uniform", "s", "tab:orange", None, "uniform (reference)"))
         for source, marker, color, sig, label in styles:
             for on in (True, False):
                 pts = [p for p in self.points if p.source == source and p.on_front == on
-                       and (source == "uniform" or (self.significant(p) is not False) == sig)]
+                       and (source == "uniform" or self.significant(p) is sig)]
                 if pts:
                     ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker,
                                facecolors=color if sig is not False else "none", edgecolors=color,

@@ -953,7 +953,7 @@ def _noise_floors(program, base, targets, candidates, batches, mode, block_size,
         log.info("sensitivity: noise floor not computed: %s", out["reason"])
         return out
     with torch.no_grad():
-        references = [_primary_output(_structured(base, base(*pytree.tree_leaves(b)))).detach() for b in batches]
+        references = [_primary_output(base(*batch)).detach() for batch in batches]
 
     def measure(outputs: list) -> dict:
         acc = MetricAccumulator(kl=True)
