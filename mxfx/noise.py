@@ -20,6 +20,9 @@ and every perturbed run. Two measurements a and b differ in a way the simulation
 if `significant(a, b, floor)`, i.e. |a - b| > floor, with floor the larger spread of the two.
 Tables mark a value that is *within* the floor of its reference with a trailing `~`
 (`render(value, reference, floor)`: "31.2~" reads "indistinguishable from the reference").
+`mxfx.search(..., noise=N)` marks searched front points this way against the best uniform config
+at or under their budget; `mxfx.sensitivity(..., noise=N)` marks rows whose damage is within the
+floor of no change (see those modules for the exact references and floors).
 """
 
 from __future__ import annotations

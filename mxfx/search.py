@@ -338,8 +338,7 @@ class Front:
                    *(["spread", "reference"] if noise else []), "predicted loss", "on front"]
         text = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=noise)
         if noise:
-            runs = f"{self.noise} jitter(s)" + "".join(f" + {s}" for s in self.noise_sources if s != "jitter")
-            return text + (f"\nspread: largest minus smallest {self.metric} over {runs} (mxfx.noise); "
+            return text + (f"\nspread: largest minus smallest {self.metric} over {self._runs_text()} (mxfx.noise); "
                            f"{WITHIN_FLOOR}: within the larger spread of the reference, not distinguishable from it")
         return text + "\nspread not measured (noise=0): differences are not checked against the noise floor"
 
@@ -381,6 +380,16 @@ class Front:
         fig.savefig(path)
         return path
 
+    def _runs_text(self) -> str:
+        """What the spreads were measured over, from the runs themselves (a skipped source says so)."""
+        runs = [p.result.noise for p in self.points if p.result.noise is not None]
+        if not runs:
+            return f"{self.noise} jitter(s)"
+        labels = [label for label, _ in runs[0].runs]
+        jitters = sum(label.startswith("jitter") for label in labels)
+        text = f"the unperturbed run + {jitters} jitter(s)" + "".join(f" + {x}" for x in labels if not x.startswith("jitter"))
+        return text + "".join(f" ({source} skipped: {why})" for source, why in runs[0].skipped)
+
     def _plot_with_noise(self, ax) -> None:
         """Error bars from the smallest to the largest value over the noise runs; a searched point
         within the floor of its reference hollow; dominated points faded."""
@@ -400,9 +409,7 @@ class Front:
                     ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker,
                                facecolors=color if sig is not False else "none", edgecolors=color,
                                alpha=1.0 if on else 0.4, zorder=2, label=label + ("" if on else ", dominated"))
-        ax.text(0.99, 0.01, f"error bars: range over {self.noise} jitter(s)"
-                + "".join(f" + {s}" for s in self.noise_sources if s != "jitter"),
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
+        ax.text(0.99, 0.01, f"error bars: range over {self._runs_text()}", transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
 
 
 def search(

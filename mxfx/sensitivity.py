@@ -541,9 +541,12 @@ class SensitivityReport:
     def _noise_lines(self) -> list[str]:
         if not self.noise:
             return ["noise floor not measured (noise=0): differences are not checked against it"]
-        runs = f"{self.noise['runs']} jitter(s)" + "".join(f" + {s}" for s in self.noise["sources"] if s != "jitter")
         if self.noise.get("floor") is None:
             return [f"noise floor: not computed: {self.noise.get('reason')}"]
+        first = next(iter(self.noise["measurements"].values()), {"runs": [], "skipped": []})
+        labels = [label for label, _ in first["runs"]]
+        runs = (f"{sum(x.startswith('jitter') for x in labels)} jitter(s)" + "".join(f" + {x}" for x in labels if not
+                x.startswith("jitter")) + "".join(f" ({source} skipped: {why})" for source, why in first["skipped"]))
         lines = [f"noise floor ({runs}; spread of the model with every measured site quantized with the candidate); "
                  f"{WITHIN_FLOOR}: the row's |loss| is within its candidate's loss floor, not distinguishable from no change:"]
         for label, floor in self.noise["floor"].items():

@@ -160,6 +160,7 @@ def test_search_marks_a_planted_insignificant_difference(monkeypatch, tmp_path):
     assert rows["search 8.25"]["mse"] == f"{s8.value:.6g}~" and rows["search 8.25"]["reference"] == "uniform fp8_e4m3"
     assert rows["search 6.25"]["mse"] == f"{s6.value:.6g}" and rows["search 6.25"]["reference"] == u4.label
     assert table.count("~") == 2  # the one mark and the legend line
+    assert "over the unperturbed run + 3 jitter(s) + batch split (mxfx.noise)" in table
     # the plot: error bars from each point's runs, the insignificant point hollow
     pytest.importorskip("matplotlib")
     saved = capture_figure(monkeypatch)
@@ -198,6 +199,9 @@ def test_search_with_eval_fn_jitters_and_says_why_there_is_no_split():
 
     _, result = mxfx.search(model, x, candidates=CANDIDATES, budget_bits=8.25, report=planted_report(), eval_fn=eval_fn,
                             noise=2, progress=None)
+    front = Front([FrontPoint("uniform", "uniform", 8.25, None, result.measured["eval"], result, None,
+                              spread=result.spread["eval"])], "eval", False, noise=2, noise_sources=("jitter", "split"))
+    assert "(split skipped: the evaluation function runs its own inputs" in front.table()
     assert len(calls) == 3 and result.noise.skipped == (("split", "the evaluation function runs its own inputs: "
                                                                   "no batch to split"),)
     assert result.spread["eval"] == hand_spread(result.noise, "eval") > 0
@@ -225,7 +229,7 @@ def test_sensitivity_marks_rows_within_the_floor_of_no_change(monkeypatch, tmp_p
         site, _, weight = line.split()[:3]
         assert (line.count("~") == 6) == marks[site, weight], line  # every metric of a marked row
         assert line.count("~") in (0, 6)
-    assert "noise floor (3 jitter(s) + split" in table and "~" in report.to_markdown()
+    assert "noise floor (3 jitter(s) + batch split;" in table and "~" in report.to_markdown()
     csv_rows = [line.split(",") for line in report.to_csv().splitlines()]
     assert csv_rows[0][-1] == "within_floor"
     assert {(r[0], r[2]): r[-1] == "True" for r in csv_rows[1:]} == marks
@@ -298,12 +302,12 @@ def test_cli_noise_flags(tmp_path, monkeypatch, capsys):
                  "--mode", "isolated", "--noise", "2", "--out", "r.json"]) == 0
     out = capsys.readouterr().out
     marked = {line.split()[0] for line in out.splitlines() if line.startswith(("a ", "b ")) and "~" in line}
-    assert marked == {"b"} and "noise floor (2 jitter(s) + split" in out
+    assert marked == {"b"} and "noise floor (2 jitter(s) + batch split;" in out
     assert json.loads((tmp_path / "r.json").read_text())["noise"]["floor"]["fp8_e4m3"]["loss"] > 0
     assert main(["search", "noise_cli_models:planted", "--candidates", "fp8_e4m3,fp4_e2m1:fp8_e4m3", "--budgets",
                  "6.25", "--mode", "isolated", "--noise", "1", "--out", "front.toml"]) == 0
     out = capsys.readouterr().out
-    assert "| spread" in out and "| reference" in out and "over 1 jitter(s) + split" in out
+    assert "| spread" in out and "| reference" in out and "over the unperturbed run + 1 jitter(s) + batch split (mxfx.noise)" in out
     assert main(["search", "noise_cli_models:planted", "--candidates", "fp8_e4m3,fp4_e2m1:fp8_e4m3", "--budget-bits",
                  "6.25", "--mode", "isolated", "--noise", "1", "--out", "one.toml"]) == 0
     assert "spread over the noise runs: MSE" in capsys.readouterr().out
