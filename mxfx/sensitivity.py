@@ -648,7 +648,7 @@ class SensitivityReport:
             value = row.get(self.metric)
             column = labels.index(candidate_label((row["weight_format"], row["activation_format"])))
             grid[index[(row["kind"], row["site"])]][column] = math.nan if value is None else value
-        fig = Figure(figsize=(2.0 + 1.2 * len(labels), 1.0 + 0.35 * len(sites)))
+        fig = Figure(figsize=(2.0 + 1.2 * len(labels), 1.0 + 0.35 * len(sites) + (0.6 if self.noise else 0.0)))
         ax = fig.subplots()
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
@@ -663,7 +663,7 @@ class SensitivityReport:
                 ax.text(j, i, text, ha="center", va="center", color="0.2" if (i, j) in within else "white", fontsize=7,
                         zorder=3)
         fig.colorbar(image, ax=ax, label=self.metric)
-        note = {True: f"; grey {WITHIN_FLOOR}: within the noise floor", False: "; noise floor not computed"}
+        note = {True: f"\ngrey, {WITHIN_FLOOR}: within the noise floor of no change", False: "\nnoise floor not computed"}
         ax.set_title(f"mxfx sensitivity ({self.mode}, {self.metric})"
                      + ("" if not self.noise else note[self.noise.get("floor") is not None]), fontsize=9)
         fig.tight_layout()
