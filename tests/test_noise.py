@@ -219,6 +219,10 @@ def test_sensitivity_marks_rows_within_the_floor_of_no_change(monkeypatch, tmp_p
         runs = NoiseFloor.from_dict(report.noise["measurements"][label])
         assert report.floor(candidate)["loss"] == hand_spread(runs, "mse") > 0
         assert report.floor(candidate)["sqnr"] == hand_spread(runs, "sqnr")
+        # ... of the model with *every* site quantized: the same perturbations through mxfx.evaluate
+        rule = mxfx.config.Rule(match=".*", weight=mxfx.MXSpec(candidate[0]), activation=mxfx.MXSpec(candidate[1]))
+        everything = mxfx.evaluate(model, x, mxfx.QuantConfig((rule,)), noise=3)
+        assert report.floor(candidate)["loss"] == everything["spread"]["mse"]
     marks = {}
     for row in report.rows:
         floor = report.floor((row["weight_format"], row["activation_format"]))["loss"]
