@@ -4,9 +4,9 @@
     mxfx quantize MODEL --config CONFIG [--inputs SPEC] --out FILE.pt2
     mxfx inspect FILE.pt2 [--graph] [--svg OUT] [--format table|markdown|csv|json]
     mxfx sensitivity MODEL [--formats F1,F2 | --candidates W:A,...] --mode local|isolated|all-but-one|gradient
-                     --out report.json [--md] [--plot PNG]   (torchrun --nproc-per-node N -m mxfx ... shards it)
-    mxfx search MODEL --formats F1,F2 --budget-bits B --out config.toml
-    mxfx search MODEL --candidates W:A,W:A --budgets B1,B2 [--act-budget-bits A] --plot front.png --out mixed.toml
+                     --out report.json [--md] [--plot PNG] [--noise N]  (torchrun --nproc-per-node N -m mxfx ... shards it)
+    mxfx search MODEL --formats F1,F2 --budget-bits B --out config.toml [--noise N]
+    mxfx search MODEL --candidates W:A,W:A --budgets B1,B2 [--act-budget-bits A] --plot front.png --out mixed.toml [--noise N]
 
 MODEL is `package.module:factory`; the factory returns a model, or (model, example_inputs).
 Exit codes: 0 success, 2 usage error, 1 failure (one line; --debug shows the traceback).
@@ -120,7 +120,7 @@ def _cmd_sensitivity(args) -> None:
         Path(args.out).unlink(missing_ok=True)
     report = mxfx.sensitivity(model, example, formats, candidates=candidates, mode=args.mode, metric=args.metric,
                               kinds=args.kinds.split(","), block_size=args.block_size, progress=_print_progress,
-                              resume=args.out)
+                              resume=args.out, noise=args.noise)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank has the report; rank 0 prints it
         return
     print(report.to_markdown() if args.md else report.table())
@@ -137,12 +137,14 @@ def _cmd_search(args) -> None:
         raise MXValueError("pass --budget-bits B (one config) or --budgets B1,B2,... (a front)")
     choice = {"candidates": parse_candidates(args.candidates)} if args.candidates else {"formats": args.formats.split(",")}
     common = dict(choice, act_budget_bits=args.act_budget_bits, mode=args.mode, metric=args.metric,
-                  sites=args.sites.split(",") if args.sites else None, progress=_print_progress)
+                  sites=args.sites.split(",") if args.sites else None, progress=_print_progress, noise=args.noise)
     if args.budget_bits is not None:
         _, result = mxfx.search(model, example, budget_bits=args.budget_bits, toml_path=args.out, **common)
         act = "" if result.average_activation_bits is None else f", activation bits {result.average_activation_bits:.3f}"
+        spread = ("" if result.spread is None else
+                  f" (spread over the noise runs: MSE {result.spread['mse']:.3g}, SQNR {result.spread['sqnr']:.3g} dB)")
         print(f"average bits per weight: {result.average_bits:.3f}{act}; predicted loss {result.predicted['loss']:.4g}, "
-              f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB")
+              f"measured MSE {result.measured['mse']:.4g}, SQNR {result.measured['sqnr']:.2f} dB{spread}")
         for site, (weight, activation) in result.assignment.items():
             print(f"  {site}: {weight}" if weight == activation else f"  {site}: weight {weight}, activation {activation}")
         print(f"wrote {args.out}")
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming it")
     sens.add_argument("--md", action="store_true", help="print Markdown")
     sens.add_argument("--plot", help="heat map PNG/SVG (needs matplotlib)")
+    sens.add_argument("--noise", type=int, default=0, metavar="N",
+                      help="isolated/all-but-one: measure a noise floor per candidate (N 1-ulp jitters + a batch split); "
+                      "rows within it of no change are marked ~")
     sens.set_defaults(run=_cmd_sensitivity)
     search = commands.add_parser("search", help="mixed-precision search under a bits-per-weight budget (or a front)")
     search.add_argument("model")
@@ -203,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--metric", choices=["mse", "sqnr", "cosine", "kl", "rel_error"], default="mse")
     search.add_argument("--sites", help="comma-separated site names to search (others stay in high precision)")
     search.add_argument("--plot", help="front plot PNG/SVG (with --budgets; needs matplotlib)")
+    search.add_argument("--noise", type=int, default=0, metavar="N",
+                        help="evaluate every config also under N 1-ulp jitters + a batch split: a spread column, "
+                        "~ on searched points within the spread of their uniform reference, error bars in the plot")
     search.add_argument("--out", required=True, help="TOML config to write")
     search.set_defaults(run=_cmd_search)
     return parser

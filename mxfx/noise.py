@@ -20,6 +20,9 @@ and every perturbed run. Two measurements a and b differ in a way the simulation
 if `significant(a, b, floor)`, i.e. |a - b| > floor, with floor the larger spread of the two.
 Tables mark a value that is *within* the floor of its reference with a trailing `~`
 (`render(value, reference, floor)`: "31.2~" reads "indistinguishable from the reference").
+`mxfx.search(..., noise=N)` marks searched front points this way against the best uniform config
+at or under their budget; `mxfx.sensitivity(..., noise=N)` marks rows whose damage is within the
+floor of no change (see those modules for the exact references and floors).
 """
 
 from __future__ import annotations
@@ -124,6 +127,11 @@ class NoiseFloor:
             return 0.0
         return max(values) - min(values) if all(math.isfinite(v) for v in values) else math.inf
 
+    def range(self, metric: str) -> tuple[float, float]:
+        """(smallest, largest) value of `metric` over the unperturbed and perturbed runs (error bars)."""
+        values = [self.metrics[metric], *(run[metric] for _, run in self.runs)]
+        return min(values), max(values)
+
     @property
     def spreads(self) -> dict[str, float]:
         return {metric: self.spread(metric) for metric in self.metrics}
@@ -131,6 +139,12 @@ class NoiseFloor:
     def to_dict(self) -> dict:
         return {"metrics": dict(self.metrics), "spread": self.spreads,
                 "runs": [[label, dict(m)] for label, m in self.runs], "skipped": [list(s) for s in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NoiseFloor:
+        """The inverse of `to_dict` (the spreads are recomputed from the runs)."""
+        return cls(dict(data["metrics"]), tuple((label, dict(m)) for label, m in data["runs"]),
+                   tuple((source, why) for source, why in data.get("skipped", ())))
 
 
 def significant(a: float, b: float, floor: float) -> bool:
@@ -149,6 +163,39 @@ def render(value: float, reference: float, floor: float, fmt: str = ".4g") -> st
     """`value` formatted, with a trailing `~` when it is within `floor` of `reference`."""
     text = format(value, fmt)
     return text + WITHIN_FLOOR if not significant(value, reference, floor) else text
+
+
+def check_arguments(noise: int, sources: Sequence[str]) -> None:
+    """Refuse a noise count below 1 (or not an integer) and unknown sources."""
+    if isinstance(noise, bool) or not isinstance(noise, int) or noise < 1:
+        raise MXValueError(f"noise must be an integer >= 1 (the number of jittered repeats), got {noise!r}")
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise MXValueError(f"unknown noise source(s) {unknown}; valid: {', '.join(SOURCES)}")
+
+
+def noise_floor_of(
+    prepared: fx.GraphModule,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    noise: int,
+    sources: Sequence[str] = DEFAULT_SOURCES,
+) -> NoiseFloor:
+    """`noise_floor` for an evaluation that runs its own inputs (`evaluate(module) -> metrics`,
+    e.g. a search's `eval_fn`): the jitters and "compiled" run as in `noise_floor`; "split" needs
+    the batches, so it is listed in `skipped` with the reason, never silently dropped."""
+    check_arguments(noise, sources)
+    runs: list[tuple[str, dict]] = []
+    skipped: list[tuple[str, str]] = []
+    with torch.no_grad():
+        metrics = evaluate(prepared)
+        if "jitter" in sources:
+            for seed in range(noise):
+                runs.append((f"jitter seed {seed}", evaluate(jittered_copy(prepared, seed))))
+        if "split" in sources:
+            skipped.append(("split", "the evaluation function runs its own inputs: no batch to split"))
+        if "compiled" in sources:
+            runs.append(("compiled", evaluate(torch.compile(prepared))))
+    return NoiseFloor(metrics, tuple(runs), tuple(skipped))
 
 
 def noise_floor(
@@ -174,11 +221,7 @@ def noise_floor(
     Raises:
         MXValueError: noise < 1, or an unknown source.
     """
-    if noise < 1:
-        raise MXValueError(f"noise must be >= 1 (the number of jittered repeats), got {noise}")
-    unknown = [s for s in sources if s not in SOURCES]
-    if unknown:
-        raise MXValueError(f"unknown noise source(s) {unknown}; valid: {', '.join(SOURCES)}")
+    check_arguments(noise, sources)
     runs: list[tuple[str, dict]] = []
     skipped: list[tuple[str, str]] = []
     with torch.no_grad():

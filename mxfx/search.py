@@ -42,6 +42,16 @@ from mxfx.errors import MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
 from mxfx.metrics import HIGHER_IS_BETTER, MetricAccumulator
+from mxfx.noise import (
+    DEFAULT_SOURCES,
+    WITHIN_FLOOR,
+    NoiseFloor,
+    check_arguments,
+    noise_floor,
+    noise_floor_of,
+    render,
+    significant,
+)
 from mxfx.prepare import prepare
 from mxfx.sites import ATTENTION, LINEAR
 from mxfx.solver import solve
@@ -220,6 +230,8 @@ class SearchResult:
     act_budget_bits: float | None = None
     exact: bool = True  # the solver's answer is provably optimal for the measured losses
     mode: str = "gradient"
+    spread: dict | None = None  # metric -> spread of `measured` under search(noise=N); None: not measured
+    noise: NoiseFloor | None = None  # the runs behind `spread`
 
     def counts(self) -> dict[str, int]:
         """How many sites got each candidate."""
@@ -241,6 +253,7 @@ class FrontPoint:
     result: SearchResult
     config: QuantConfig  # the config that was prepared and evaluated
     on_front: bool = False
+    spread: float | None = None  # spread of `value` under search(noise=N) (mxfx.noise); None: not measured
 
 
 @dataclasses.dataclass
@@ -250,6 +263,8 @@ class Front:
     points: list[FrontPoint]
     metric: str
     higher_is_better: bool
+    noise: int = 0  # jitter runs per evaluated config (0: spread not measured)
+    noise_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sign = -1.0 if self.higher_is_better else 1.0
@@ -269,15 +284,63 @@ class Front:
     def uniform(self) -> list[FrontPoint]:
         return [p for p in self.points if p.source == "uniform"]
 
+    @property
+    def measured_noise(self) -> bool:
+        """Whether every point carries a spread (search(noise=N >= 1))."""
+        return bool(self.points) and all(p.spread is not None for p in self.points)
+
+    def reference(self, point: FrontPoint) -> FrontPoint | None:
+        """The uniform config a searched point is compared with: the best (by the front's metric)
+        uniform config whose weight bits are at or under the point's budget (its weight bits when
+        it has no budget); None for uniform points and when no uniform config is that cheap."""
+        if point.source != "search":
+            return None
+        limit = point.result.budget_bits if point.result.budget_bits is not None else point.weight_bits
+        cheap = [q for q in self.uniform() if q.weight_bits <= limit]
+        if not cheap:
+            return None
+        sign = -1.0 if self.higher_is_better else 1.0
+        return min(cheap, key=lambda q: (sign * q.value, q.weight_bits, q.label))
+
+    def floor(self, point: FrontPoint) -> float | None:
+        """The larger spread of a searched point and its reference (None: not measured or no reference)."""
+        reference = self.reference(point)
+        if reference is None or point.spread is None or reference.spread is None:
+            return None
+        return max(point.spread, reference.spread)
+
+    def significant(self, point: FrontPoint) -> bool | None:
+        """Whether a searched point differs from its reference by more than the floor
+        (`mxfx.noise.significant`); None where that was not measured (no noise, no reference)."""
+        floor = self.floor(point)
+        return None if floor is None else significant(point.value, self.reference(point).value, floor)
+
     def table(self, tablefmt: str = "github") -> str:
+        """One row per evaluated config, fewest bits first; * marks the Pareto front.
+
+        With noise measured: a `spread` column, and a searched point's metric ends in `~` when it is
+        within the floor (the larger spread) of its reference, the best uniform config at or under
+        its budget (`reference` column): not distinguishable from that uniform config."""
+        noise = self.measured_noise
         rows = []
         for p in sorted(self.points, key=lambda p: (p.weight_bits, p.source, p.label)):
             act = "-" if p.activation_bits is None else f"{p.activation_bits:.3f}"
-            rows.append([p.label, p.source, f"{p.weight_bits:.3f}", act, f"{p.value:.6g}",
-                         f"{p.result.predicted['loss']:.4g}" if p.source == "search" else "-",
-                         "*" if p.on_front else ""])
-        return tabulate(rows, headers=["config", "source", "weight bits", "act bits", self.metric, "predicted loss",
-                                       "on front"], tablefmt=tablefmt)
+            value = f"{p.value:.6g}"
+            reference = self.reference(p) if noise else None
+            if reference is not None:
+                value = render(p.value, reference.value, self.floor(p), ".6g")
+            row = [p.label, p.source, f"{p.weight_bits:.3f}", act, value]
+            if noise:
+                row += [f"{p.spread:.3g}", "-" if reference is None else reference.label]
+            rows.append(row + [f"{p.result.predicted['loss']:.4g}" if p.source == "search" else "-",
+                               "*" if p.on_front else ""])
+        headers = ["config", "source", "weight bits", "act bits", self.metric,
+                   *(["spread", "reference"] if noise else []), "predicted loss", "on front"]
+        text = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=noise)
+        if noise:
+            return text + (f"\nspread: largest minus smallest {self.metric} over {self._runs_text()} (mxfx.noise); "
+                           f"{WITHIN_FLOOR}: within the larger spread of the reference, not distinguishable from it")
+        return text + "\nspread not measured (noise=0): differences are not checked against the noise floor"
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Bits vs metric to a PNG/SVG: the front as a line, other points hollow. Needs matplotlib.
@@ -292,12 +355,17 @@ class Front:
         ax = fig.add_subplot()
         front = self.front()
         ax.plot([p.weight_bits for p in front], [p.value for p in front], "-", color="0.6", zorder=1, label="Pareto front")
-        for source, marker, color in (("search", "o", "tab:blue"), ("uniform", "s", "tab:orange")):
-            for on, face in ((True, color), (False, "none")):
-                pts = [p for p in self.points if p.source == source and p.on_front == on]
-                if pts:
-                    ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker, facecolors=face,
-                               edgecolors=color, zorder=2, label=f"{source}{'' if on else ' (dominated)'}")
+        if self.measured_noise:
+            self._plot_with_noise(ax)
+        else:
+            for source, marker, color in (("search", "o", "tab:blue"), ("uniform", "s", "tab:orange")):
+                for on, face in ((True, color), (False, "none")):
+                    pts = [p for p in self.points if p.source == source and p.on_front == on]
+                    if pts:
+                        ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker, facecolors=face,
+                                   edgecolors=color, zorder=2, label=f"{source}{'' if on else ' (dominated)'}")
+            ax.text(0.99, 0.01, "spread not measured (noise=0)", transform=ax.transAxes, ha="right", va="bottom",
+                    fontsize=6, color="0.4")
         for p in self.points:
             ax.annotate(p.label, (p.weight_bits, p.value), textcoords="offset points", xytext=(4, 4), fontsize=6)
         ax.set_xlabel("weight bits per element (scales included)")
@@ -312,7 +380,36 @@ class Front:
         fig.savefig(path)
         return path
 
+    def _runs_text(self) -> str:
+        """What the spreads were measured over, from the runs themselves (a skipped source says so)."""
+        runs = [p.result.noise for p in self.points if p.result.noise is not None]
+        if not runs:
+            return f"{self.noise} jitter(s)"
+        labels = [label for label, _ in runs[0].runs]
+        jitters = sum(label.startswith("jitter") for label in labels)
+        text = f"the unperturbed run + {jitters} jitter(s)" + "".join(f" + {x}" for x in labels if not x.startswith("jitter"))
+        return text + "".join(f" ({source} skipped: {why})" for source, why in runs[0].skipped)
 
+    def _plot_with_noise(self, ax) -> None:
+        """Error bars from the smallest to the largest value over the noise runs; a searched point
+        within the floor of its reference hollow; dominated points faded."""
+        for p in self.points:
+            low, high = p.result.noise.range(self.metric) if p.result.noise is not None else (p.value, p.value)
+            ax.errorbar([p.weight_bits], [p.value], yerr=[[p.value - low], [high - p.value]], fmt="none",
+                        ecolor="0.3", elinewidth=0.8, capsize=3, zorder=1.5)
+        styles = (("search", "o", "tab:blue", True, "search: differs from its reference (beyond the spread)"),
+                  ("search", "o", "tab:blue", False, "search: within the spread of its reference (not significant)"),
+                  ("search", "o", "tab:blue", None, "search: no uniform config at or under its budget"),
+                  ("uniform", "s", "tab:orange", None, "uniform (reference)"))
+        for source, marker, color, sig, label in styles:
+            for on in (True, False):
+                pts = [p for p in self.points if p.source == source and p.on_front == on
+                       and (source == "uniform" or self.significant(p) is sig)]
+                if pts:
+                    ax.scatter([p.weight_bits for p in pts], [p.value for p in pts], marker=marker,
+                               facecolors=color if sig is not False else "none", edgecolors=color,
+                               alpha=1.0 if on else 0.4, zorder=2, label=label + ("" if on else ", dominated"))
+        ax.text(0.99, 0.01, f"error bars: range over {self._runs_text()}", transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
 
 
 def search(
@@ -336,6 +433,8 @@ def search(
     eval_inputs=None,
     metric: str | None = None,
     higher_is_better: bool | None = None,
+    noise: int = 0,
+    noise_sources: Sequence[str] = DEFAULT_SOURCES,
 ) -> tuple[QuantConfig, SearchResult] | Front:
     """Choose a candidate per site minimizing the summed loss within a bit budget; verify end to end.
 
@@ -361,6 +460,13 @@ def search(
         eval_inputs: batches for the default evaluation (default: `inputs`).
         metric: the name of the front's metric ("mse" by default; "eval" with eval_fn).
         higher_is_better: the metric's direction (default from the name; False for eval_fn).
+        noise: 0 (default): evaluate each config once. N >= 1: also evaluate every searched and
+            uniform config under `mxfx.noise.noise_floor` (N 1-ulp jitters of every MX
+            quantizer's input, plus each other source in `noise_sources`; with `eval_fn`, the
+            batch split cannot run and is listed as skipped): `result.spread` / `point.spread`
+            hold the spread, and `Front.table()` marks a searched point within the larger spread
+            of its reference uniform config with `~` (`Front.plot` draws it hollow, with error bars).
+        noise_sources: perturbations among "jitter", "split", "compiled" (`mxfx.noise`).
 
     Returns:
         (QuantConfig, SearchResult) for budget_bits; a Front for budgets.
@@ -379,6 +485,9 @@ def search(
         higher_is_better = HIGHER_IS_BETTER[metric] if higher_is_better is None else higher_is_better
     else:
         metric, higher_is_better = metric or "eval", bool(higher_is_better)
+    noise_sources = tuple(noise_sources)
+    if noise:
+        check_arguments(noise, noise_sources)
     candidates = normalize_candidates(formats, candidates)
     batches = _sensitivity_module.as_batches(inputs, "search")
     wanted = None if sites is None else list(dict.fromkeys(sites))
@@ -387,12 +496,12 @@ def search(
     table = _loss_table(rows, candidates, wanted)
     hp_weight_bits = next((p.dtype.itemsize * 8 for p in model.parameters() if p.is_floating_point()), 32)
     program = export(model, batches[0])
-    evaluate = _evaluator(program, batches[0], _sensitivity_module.as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric)
+    evaluate = _evaluator(program, batches[0], _sensitivity_module.as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric, noise, noise_sources)
     common = dict(table=table, block_size=block_size, hp_weight_bits=hp_weight_bits, act_budget_bits=act_budget_bits,
                   mode=mode if report is None else getattr(report, "mode", mode))
     if budget_bits is not None:
         config, result = _solve_one(budget_bits, **common)
-        result.measured = evaluate(config)
+        _measure_into(result, evaluate(config))
         if toml_path is not None:
             Path(toml_path).write_text(result.toml)
         return config, result
@@ -401,19 +510,21 @@ def search(
     total = len(budgets) + len(candidates)
     for budget in budgets:
         config, result = _solve_one(budget, **common)
-        result.measured = evaluate(config)
+        _measure_into(result, evaluate(config))
         points.append(FrontPoint(f"search {budget:g}", "search", result.average_bits, result.average_activation_bits,
-                                 result.measured[metric], result, config))
+                                 result.measured[metric], result, config,
+                                 spread=None if result.spread is None else result.spread[metric]))
         if progress is not None:
             progress(len(points), total, time.perf_counter() - start, points[-1].label)
     for candidate in candidates:
         config, result = _uniform(candidate, **common)
-        result.measured = evaluate(config)
+        _measure_into(result, evaluate(config))
         points.append(FrontPoint(f"uniform {_label(candidate)}", "uniform", result.average_bits,
-                                 result.average_activation_bits, result.measured[metric], result, config))
+                                 result.average_activation_bits, result.measured[metric], result, config,
+                                 spread=None if result.spread is None else result.spread[metric]))
         if progress is not None:
             progress(len(points), total, time.perf_counter() - start, points[-1].label)
-    front = Front(points, metric, higher_is_better)
+    front = Front(points, metric, higher_is_better, noise, noise_sources if noise else ())
     if plot is not None:
         front.plot(plot)
     return front
@@ -507,20 +618,40 @@ def _uniform(candidate: Candidate, *, table: _Table, block_size, hp_weight_bits,
                    budget_bits=None, act_budget_bits=None, mode=mode)
 
 
-def _evaluator(program, example: tuple, batches: list[tuple], eval_fn, metric: str) -> Callable[[QuantConfig], dict]:
-    """config -> metrics of the config prepared from one exported program."""
+def _measure_into(result: SearchResult, measured: dict | NoiseFloor) -> None:
+    if isinstance(measured, NoiseFloor):
+        result.measured, result.spread, result.noise = dict(measured.metrics), measured.spreads, measured
+    else:
+        result.measured = measured
+
+
+def _evaluator(program, example: tuple, batches: list[tuple], eval_fn, metric: str, noise: int = 0,
+               noise_sources: Sequence[str] = DEFAULT_SOURCES) -> Callable[[QuantConfig], dict | NoiseFloor]:
+    """config -> metrics of the config prepared from one exported program (noise >= 1: a NoiseFloor)."""
     if eval_fn is not None:
-        return lambda config: {metric: float(eval_fn(prepare(program, config, example)))}
+        def measure_fn(module) -> dict:
+            return {metric: float(eval_fn(module))}
+
+        def evaluate_fn(config: QuantConfig):
+            prepared = prepare(program, config, example)
+            return noise_floor_of(prepared, measure_fn, noise, noise_sources) if noise else measure_fn(prepared)
+
+        return evaluate_fn
     reference = program.module()
     with torch.no_grad():
         references = [_first_float(reference(*b)).detach() for b in batches]
 
-    def evaluate(config: QuantConfig) -> dict:
-        prepared = prepare(program, config, example)
+    def measure_outputs(outputs: list) -> dict:
         accumulator = MetricAccumulator(kl=True)  # the definitions mxfx.evaluate uses
-        with torch.no_grad():
-            for reference_output, batch in zip(references, batches):
-                accumulator.add(reference_output, _first_float(prepared(*batch)))
+        for reference_output, output in zip(references, outputs):
+            accumulator.add(reference_output, _first_float(output))
         return accumulator.result()
+
+    def evaluate(config: QuantConfig):
+        prepared = prepare(program, config, example)
+        if noise:
+            return noise_floor(prepared, batches, measure_outputs, noise, noise_sources)
+        with torch.no_grad():
+            return measure_outputs([prepared(*batch) for batch in batches])
 
     return evaluate

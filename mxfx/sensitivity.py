@@ -34,6 +34,23 @@ quantity a mixed-precision search minimizes):
   no labels and works for any model. Other metric columns describe the site's own output, as in
   `local`; `kl` is None.
 
+Noise floor (`noise=N`, isolated and all-but-one modes): a row's number is a model-output
+measurement, and a last-bit difference in a non-MX op (compiled vs eager, another batch size)
+can move it (`mxfx.noise`). For each candidate, the model with *every* measured site quantized
+with it (all-but-one's reference, the configuration with the most quantizers any row measures)
+is re-measured under N 1-ulp jitters of every MX quantizer's input (plus a batch split) and the
+spread of each metric is recorded; the `loss` floor is the spread of its MSE. A row is *within
+the floor* when |loss| <= that floor: its damage (isolated: the model-output MSE against the
+unquantized model; all-but-one: MSE(all) - MSE(all but this site)) cannot be told from no change.
+Then every metric of the row is marked `~` in `table()`/`to_markdown()` (the CSV has a
+`within_floor` column, the plot greys the cell). Why this definition: the unquantized model has
+no MX quantizer, so its own spread under jitter is 0 and says nothing; the all-quantized model's
+spread bounds the noise of any configuration with fewer quantizers. The test is made on the
+loss, which is linear in the error energy, because that is what the spread transfers for: SQNR
+and rel_error are the log and square root of the error energy, and their spreads at the
+all-quantized operating point do not carry over to a near-zero error. `local` and `gradient`
+re-run no model: their floor is None with the reason, never 0.
+
 Metric definitions: `mxfx.metrics`. Runs can be resumed (`resume=path`): the file records
 everything that defines the run and a changed run is refused. Work is sharded over
 `torch.distributed` ranks when run under torchrun (`mxfx.distributed`).
@@ -68,6 +85,7 @@ from mxfx.errors import MXTypeError, MXValueError
 from mxfx.export import export
 from mxfx.formats import get_format
 from mxfx.metrics import HIGHER_IS_BETTER, METRICS, MetricAccumulator
+from mxfx.noise import WITHIN_FLOOR, check_arguments, noise_floor, significant
 from mxfx.prepare import prepare
 from mxfx.sites import ATTENTION, KINDS, LINEAR, NO_RULE, find_sites, site_of
 
@@ -418,7 +436,7 @@ def _callable_identity(fn: Callable | None) -> str:
     return name if code is None else f"{name} (code {_digest(code.co_code, code.co_consts)})"
 
 
-def _run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds, loss_fn) -> dict:
+def _run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds, loss_fn, noise=0, noise_sources=()) -> dict:
     compared = {"local": "site output", "gradient": "site output, gradient-weighted"}.get(mode, "model primary output")
     return {
         "mode": mode,
@@ -431,6 +449,8 @@ def _run_fingerprint(model, batches, mode, candidates, block_size, targets, kind
         "loss_fn": _callable_identity(loss_fn) if mode == "gradient" else None,
         "batches": _batch_fingerprint(batches),
         "parameters": _parameter_fingerprint(model),
+        # None for noise=0, as in files written before the noise floor existed (they still resume)
+        "noise": {"runs": noise, "sources": list(noise_sources)} if noise else None,
     }
 
 
@@ -492,6 +512,46 @@ class SensitivityReport:
     candidates: list[Candidate] = dataclasses.field(default_factory=list)
     unmeasured: list[dict] = dataclasses.field(default_factory=list)  # {site, kind, reason}
     run: dict = dataclasses.field(default_factory=dict)  # what defines the run (resume checks it)
+    # sensitivity(noise=N): {} when not measured; else {"runs": N, "sources": [...], "floor": {candidate
+    # label: {"loss": ..., metric: spread}} or None, "reason": why floor is None, "measurements": {label:
+    # NoiseFloor.to_dict() of the all-sites-quantized model}}
+    noise: dict = dataclasses.field(default_factory=dict)
+
+    def floor(self, candidate: Sequence) -> dict | None:
+        """metric -> noise floor for a candidate ((weight, activation) pair or label); None when not measured."""
+        floors = self.noise.get("floor") if self.noise else None
+        if floors is None:
+            return None
+        return floors.get(candidate if isinstance(candidate, str) else candidate_label(tuple(candidate)))
+
+    def within_floor(self, row: dict) -> bool | None:
+        """Whether a row's loss is within the noise floor of no change (|loss| <= the loss floor of
+        its candidate, module docstring); None when no floor was measured or the loss was not computed."""
+        floor = self.floor((row["weight_format"], row["activation_format"]))
+        if floor is None or row.get("loss") is None:
+            return None
+        return not significant(row["loss"], 0.0, floor["loss"])
+
+    def _rendered(self, row: dict, metric: str, within: bool | None):
+        value = row.get(metric)
+        if value is None:
+            return None
+        return format(value, ".4g") + (WITHIN_FLOOR if within else "")
+
+    def _noise_lines(self) -> list[str]:
+        if not self.noise:
+            return ["noise floor not measured (noise=0): differences are not checked against it"]
+        if self.noise.get("floor") is None:
+            return [f"noise floor: not computed: {self.noise.get('reason')}"]
+        first = next(iter(self.noise["measurements"].values()), {"runs": [], "skipped": []})
+        labels = [label for label, _ in first["runs"]]
+        runs = (f"{sum(x.startswith('jitter') for x in labels)} jitter(s)" + "".join(f" + {x}" for x in labels if not
+                x.startswith("jitter")) + "".join(f" ({source} skipped: {why})" for source, why in first["skipped"]))
+        lines = [f"noise floor ({runs}; spread of the model with every measured site quantized with the candidate); "
+                 f"{WITHIN_FLOOR}: the row's |loss| is within its candidate's loss floor, not distinguishable from no change:"]
+        for label, floor in self.noise["floor"].items():
+            lines.append(f"  {label}: " + ", ".join(f"{m} {floor[m]:.3g}" for m in ("loss", *METRICS) if floor.get(m) is not None))
+        return lines
 
     def _severity(self, row: dict, metric: str) -> float | None:
         """Higher = more sensitive, for any metric and mode; None when not computed."""
@@ -520,9 +580,13 @@ class SensitivityReport:
 
     def table(self, tablefmt: str = "simple") -> str:
         headers = ["site", "kind", "weight_format", "activation_format", "loss", *METRICS]
-        body = [[r.get(h) for h in headers] for r in self.sorted_rows()]
+        marked = bool(self.noise) and self.noise.get("floor") is not None
+        body = [[r.get(h) if h not in ("loss", *METRICS) or not marked else self._rendered(r, h, self.within_floor(r))
+                 for h in headers] for r in self.sorted_rows()]
         text = tabulate(body, headers=[h.removesuffix("_format") for h in headers], tablefmt=tablefmt, floatfmt=".4g",
-                        missingval="-")
+                        missingval="-", disable_numparse=marked)
+        if self.noise:
+            text += "\n" + "\n".join(self._noise_lines())
         for entry in self.unmeasured:
             text += f"\nnot measured: {entry['site']} ({entry['kind']}): {entry['reason']}"
         return text
@@ -531,16 +595,22 @@ class SensitivityReport:
         return self.table("github")
 
     def to_csv(self) -> str:
+        """The rows as CSV (numbers stay numbers); with a noise floor, a `within_floor` column says
+        (True/False) whether the row is within the floor of no change (where the table shows `~`)."""
+        marked = bool(self.noise) and self.noise.get("floor") is not None
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=[*COLUMNS, *(["within_floor"] if marked else [])], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(self.sorted_rows())
+        for row in self.sorted_rows():
+            if marked:
+                row = {**row, "within_floor": self.within_floor(row)}
+            writer.writerow(row)
         return out.getvalue()
 
     def to_json(self) -> str:
         return json.dumps({"version": _FILE_VERSION, "mode": self.mode, "metric": self.metric,
                            "candidates": [list(c) for c in self.candidates], "rows": self.rows,
-                           "unmeasured": self.unmeasured, "run": self.run}, indent=1)
+                           "unmeasured": self.unmeasured, "run": self.run, "noise": self.noise}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> SensitivityReport:
@@ -548,7 +618,7 @@ class SensitivityReport:
         if data.get("version") != _FILE_VERSION:
             raise MXValueError(f"not a version-{_FILE_VERSION} mxfx sensitivity report")
         return cls(data["rows"], data["mode"], data.get("metric", "loss"), [tuple(c) for c in data["candidates"]],
-                   data.get("unmeasured", []), data.get("run", {}))
+                   data.get("unmeasured", []), data.get("run", {}), data.get("noise") or {})
 
     def value(self, site: str, candidate: str | Sequence, metric: str | None = None, kind: str | None = None) -> float | None:
         """The metric of one row; `candidate` is a (weight, activation) pair or a format f for (f, f)."""
@@ -566,6 +636,7 @@ class SensitivityReport:
         """
         try:
             from matplotlib.figure import Figure
+            from matplotlib.patches import Rectangle
         except ImportError:
             raise MXValueError("plot needs matplotlib: pip install matplotlib") from None
         sites = list(dict.fromkeys((r["kind"], r["site"]) for r in self.rows))
@@ -577,16 +648,24 @@ class SensitivityReport:
             value = row.get(self.metric)
             column = labels.index(candidate_label((row["weight_format"], row["activation_format"])))
             grid[index[(row["kind"], row["site"])]][column] = math.nan if value is None else value
-        fig = Figure(figsize=(2.0 + 1.2 * len(labels), 1.0 + 0.35 * len(sites)))
+        fig = Figure(figsize=(2.0 + 1.2 * len(labels), 1.0 + 0.35 * len(sites) + (0.6 if self.noise else 0.0)))
         ax = fig.subplots()
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yticks(range(len(sites)), [f"{name} ({kind[0]})" for kind, name in sites])
+        within = {(index[(r["kind"], r["site"])], labels.index(candidate_label((r["weight_format"], r["activation_format"]))))
+                  for r in self.rows if self.within_floor(r)}
+        for i, j in within:  # within the noise floor of no change: greyed out
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.75", edgecolor="0.6", zorder=2))
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, "-" if math.isnan(v) else f"{v:.3g}", ha="center", va="center", color="white", fontsize=7)
+                text = "-" if math.isnan(v) else f"{v:.3g}" + (WITHIN_FLOOR if (i, j) in within else "")
+                ax.text(j, i, text, ha="center", va="center", color="0.2" if (i, j) in within else "white", fontsize=7,
+                        zorder=3)
         fig.colorbar(image, ax=ax, label=self.metric)
-        ax.set_title(f"mxfx sensitivity ({self.mode}, {self.metric})")
+        note = {True: f"\ngrey, {WITHIN_FLOOR}: within the noise floor of no change", False: "\nnoise floor not computed"}
+        ax.set_title(f"mxfx sensitivity ({self.mode}, {self.metric})"
+                     + ("" if not self.noise else note[self.noise.get("floor") is not None]), fontsize=9)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path)
@@ -617,6 +696,8 @@ def sensitivity(
     strict: bool = False,
     progress: Callable[[int, int, float, str], None] | None = _progress_logger,
     resume: str | Path | None = None,
+    noise: int = 0,
+    noise_sources: Sequence[str] = ("jitter", "split"),
 ) -> SensitivityReport:
     """Measure how much each linear and attention site loses under each candidate MX format pair.
 
@@ -642,6 +723,13 @@ def sensitivity(
         resume: a JSON path: if it exists it must come from the same run (mode, candidates, block
             size, sites, kinds, compared outputs, loss_fn, batches, parameters), else MXValueError
             names what differs; its rows are reused and the file is rewritten as rows complete.
+        noise: 0 (default): no noise floor. N >= 1: for each candidate, measure the model with every
+            measured site quantized under N 1-ulp jitters (+ `noise_sources`) and keep each
+            metric's spread (`report.noise`; a row whose |loss| is within the loss floor is marked
+            `~`, see the module docstring). local/gradient modes record floor None with the reason.
+            Every rank of a sharded run measures the floors itself (they are small: N + 2 model
+            runs per candidate).
+        noise_sources: perturbations among "jitter", "split", "compiled" (`mxfx.noise`).
 
     Returns:
         SensitivityReport with one row per (site, candidate), sites in graph order.
@@ -661,6 +749,9 @@ def sensitivity(
         raise MXValueError("loss_fn is used by mode='gradient' only")
     if not isinstance(model, torch.nn.Module):
         raise MXTypeError(f"sensitivity takes an nn.Module, got {type(model).__name__}")
+    noise_sources = tuple(noise_sources)
+    if noise:
+        check_arguments(noise, noise_sources)
     cands = _candidates(formats, candidates, activations)
     batches = as_batches(inputs)
     program = export(model, batches[0], strict=strict)
@@ -675,7 +766,8 @@ def sensitivity(
         targets = [t for t in targets if why.get(id(t)) is None]
         if not targets:
             raise MXValueError(f"no sites the {mode} mode can measure: {unmeasured}")
-    fingerprint = _run_fingerprint(model, batches, mode, cands, block_size, targets, kinds, loss_fn)
+    fingerprint = _run_fingerprint(model, batches, mode, cands, block_size, targets, kinds, loss_fn, noise, noise_sources)
+    floors = _noise_floors(program, base, targets, cands, batches, mode, block_size, noise, noise_sources) if noise else {}
     path = None if resume is None else Path(resume)
     items = [(t, c) for t in targets for c in cands]
     with distributed.process_group() as (rank, world):
@@ -684,14 +776,14 @@ def sensitivity(
         todo = [(i, t, c) for i, (t, c) in enumerate(items) if (t.kind, t.fqn, *c) not in done]
         mine = [(i, t, c) for n, (i, t, c) in enumerate(todo) if n % world == rank]
         measure = _measure_model if mode in ("isolated", "all-but-one") else _measure_local
-        writer = _ResumeWriter(path, fingerprint, mode, metric, cands, unmeasured, rank, world, done)
+        writer = _ResumeWriter(path, fingerprint, mode, metric, cands, unmeasured, rank, world, done, floors)
         results = measure(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) if mine else {}
         results = distributed.gather(results, world)
         rows = []
         for i, (t, c) in enumerate(items):
             row = done.get((t.kind, t.fqn, *c)) or results[i]
             rows.append(row)
-        report = SensitivityReport(rows, mode, metric, cands, unmeasured, fingerprint)
+        report = SensitivityReport(rows, mode, metric, cands, unmeasured, fingerprint, floors)
         writer.finish(report)
     return report
 
@@ -700,9 +792,10 @@ class _ResumeWriter:
     """Rewrites the resume file as rows complete: the report itself in one process, one partial
     file per rank (`<path>.rank<r>`) in a sharded run, merged by rank 0 at the end."""
 
-    def __init__(self, path, fingerprint, mode, metric, candidates, unmeasured, rank, world, done) -> None:
+    def __init__(self, path, fingerprint, mode, metric, candidates, unmeasured, rank, world, done, noise) -> None:
         self.path, self.rank, self.world = path, rank, world
-        self.base = SensitivityReport(list(done.values()) if world == 1 else [], mode, metric, candidates, unmeasured, fingerprint)
+        self.base = SensitivityReport(list(done.values()) if world == 1 else [], mode, metric, candidates, unmeasured,
+                                      fingerprint, noise)
 
     def add(self, row: dict) -> None:
         if self.path is None:
@@ -851,6 +944,35 @@ def _measure_model(program, base, targets, mine, batches, mode, block_size, loss
         if progress is not None:
             progress(n, len(mine), time.perf_counter() - start, f"{target.fqn} {candidate_label(candidate)}")
     return results
+
+
+def _noise_floors(program, base, targets, candidates, batches, mode, block_size, noise, sources) -> dict:
+    """report.noise (see SensitivityReport): per candidate, the spread of every metric of the model
+    with all measured sites quantized with it, under `mxfx.noise.noise_floor`."""
+    out = {"runs": noise, "sources": list(sources), "floor": None, "reason": None, "measurements": {}}
+    if mode not in ("isolated", "all-but-one"):
+        out["reason"] = (f"{mode} mode compares each site's own output, recomputed from recorded inputs: no model "
+                         "measurement to repeat under perturbations (use mode='isolated' or 'all-but-one')")
+        log.info("sensitivity: noise floor not computed: %s", out["reason"])
+        return out
+    with torch.no_grad():
+        references = [_primary_output(base(*batch)).detach() for batch in batches]
+
+    def measure(outputs: list) -> dict:
+        acc = MetricAccumulator(kl=True)
+        for reference, output in zip(references, outputs):
+            acc.add(reference, _primary_output(output))
+        return acc.result()
+
+    out["floor"] = {}
+    for candidate in candidates:
+        label = candidate_label(candidate)
+        prepared = prepare(program, _config_for(_all_but(targets, None, candidate), block_size))
+        floor = noise_floor(prepared, batches, measure, noise, sources)
+        spreads = floor.spreads
+        out["floor"][label] = {"loss": spreads["mse"], **spreads}
+        out["measurements"][label] = floor.to_dict()
+    return out
 
 
 def _all_but(targets: list[_Target], excluded: _Target | None, candidate: Candidate) -> dict[_Target, Candidate]:
