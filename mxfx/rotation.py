@@ -85,8 +85,18 @@ def _hadamard_setup(ctx, inputs, output):
     ctx.block_size, ctx.axis = inputs[1], inputs[2]
 
 
+def _hadamard_decomposition(x: Tensor, block_size: int, axis: int):
+    """Inductor's view of the op: fp32 with a static block size keeps the op for its one-Pointwise
+    lowering (`_compat.register_hadamard_lowering`); other dtypes, and a block size that is
+    symbolic (`dynamic=True` makes int arguments symbolic), trace the eager butterfly."""
+    if x.dtype == torch.float32 and isinstance(block_size, int) and _LOWERED:
+        return NotImplemented
+    return _hadamard_impl(x, block_size, axis)
+
+
 hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
-_compat.register_inductor_decomposition(torch.ops.mxfx.hadamard.default, _hadamard_impl)
+_LOWERED = _compat.register_hadamard_lowering(torch.ops.mxfx.hadamard.default)
+_compat.register_inductor_decomposition(torch.ops.mxfx.hadamard.default, _hadamard_decomposition)
 
 
 def rotate_weight(weight: Tensor, block_size: int) -> Tensor:
