@@ -325,6 +325,33 @@ def test_new_numerics_eager_equals_compiled(fresh_dynamo):
     assert not any("hadamard" in name and "quantize" not in name for name in re.findall(r"cpp_fused_\w+", source))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "block", "axis", "how"), [
+    ((4, 64, 6), 32, 1, "fp32"),  # a middle axis, with a trailing axis after it
+    ((4, 6, 128), 128, -1, "fp32"),
+    ((3, 64), 1, -1, "fp32"),  # the identity
+    ((24, 64), 8, -1, "transposed"),  # a strided input
+    ((4, 64), 32, -1, "fp64"),  # other dtypes trace the eager butterfly
+    ((5, 96), 32, -1, "dynamic"),  # dynamic=True: the block size is symbolic, so the butterfly is traced
+])
+def test_hadamard_lowering_is_bit_exact(shape, block, axis, how, fresh_dynamo):
+    # The fp32 lowering computes each output from its block's loads by the butterfly tree
+    # (_compat.register_hadamard_lowering): it must agree with eager bit for bit.
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64 if how == "fp64" else torch.float32)
+    if how == "transposed":
+        x = torch.randn(*reversed(shape)).t()
+
+    def f(t):
+        return torch.ops.mxfx.hadamard(t, block, axis)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=how == "dynamic")
+    assert torch.equal(compiled(x), f(x))
+    if how == "dynamic":
+        other = torch.randn(9, 64)
+        assert torch.equal(compiled(other), f(other))
+
+
 # --- GPTQ ---------------------------------------------------------------------------------------
 
 
