@@ -1,6 +1,8 @@
 """Cost of the online Hadamard rotation inside the compiled MX quantizer (issue #14).
 
-Compiled (Inductor, CPU), one thread, side by side in one process, min over N runs of each:
+Compiled (Inductor, CPU), one thread, side by side in one process, min over N interleaved runs of
+each, timed as the thread's CPU time (time.thread_time: on a shared, oversubscribed machine wall
+time mostly measures the other processes):
 a copy (one read + one write: the memory floor), `fake_quantize`, and `hadamard` + `fake_quantize`,
 on fp32 activations; and the loop nests Inductor generates for the last one.
 
@@ -58,13 +60,13 @@ def main() -> None:
         best = dict.fromkeys(compiled, float("inf"))
         for _ in range(args.runs):  # interleaved, so load changes hit every variant alike
             for name, fn in compiled.items():
-                start = time.perf_counter()
+                start = time.thread_time()
                 fn(x, out)
-                best[name] = min(best[name], time.perf_counter() - start)
+                best[name] = min(best[name], time.thread_time() - start)
         rows.append([shape, *(f"{1e3 * best[name]:.3f}" for name in compiled),
                      f"{best['hadamard + fake_quantize'] / best['fake_quantize']:.2f}x"])
         torch._dynamo.reset()
-    print(f"compiled, 1 thread, min of {args.runs} runs, ms ({args.format}, block 32); loop nests: {nests}")
+    print(f"compiled, 1 thread, min of {args.runs} runs, thread CPU time in ms ({args.format}, block 32); loop nests: {nests}")
     print(tabulate(rows, headers=["shape", *fns, "rotation cost"], tablefmt="github"))
 
 

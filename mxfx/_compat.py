@@ -288,7 +288,8 @@ def register_hadamard_lowering(op: torch._ops.OpOverload) -> bool:
                     return load([*outer, block * block_size + first, *inner])
                 half = count // 2
                 low, high = tree(first, half), tree(first + half, half)
-                return ops.add(low, ops.mul(high, signs[half.bit_length() - 1]))
+                # fma(high, s, low) == low + s * high exactly: s * high is exact (s = +-1)
+                return ops.fma(high, signs[half.bit_length() - 1], low)
 
             # the same constant eager multiplies by, rounded to fp32 the same way
             return ops.mul(tree(0, block_size), ops.constant(1.0 / math.sqrt(block_size), torch.float32))

@@ -12,11 +12,12 @@ so the weight is rotated once, offline, and the input online, right before its q
 block each MX block is rotated on its own (as in MR-GPTQ / FP-Quant for MXFP4).
 
 The math is a Walsh-Hadamard butterfly: log2(block) stages of `(a, c) -> (a + c, a - c)` and one
-final multiply by 1/sqrt(block). Written as broadcast pointwise ops (no matmul), Inductor puts it
-in the same kernel function as the quantization that follows (no GEMM, no extra launch), though it
-materializes the butterfly every two stages (its read-count heuristic): for a block of 32, two extra
-passes over the activation before the last stage, fused with the quantization. Eager and compiled
-code do the same adds in the same order, so they agree bit for bit.
+final multiply by 1/sqrt(block). Eager runs it as broadcast pointwise ops (no matmul). Inductor
+gets, for fp32, a lowering (`_compat.register_hadamard_lowering`) that computes each output from
+the loads of its block by the same tree of adds, so the rotation runs inside the loop of the
+quantizer that consumes it: one loop nest, the rotated activation never written to memory. (Traced
+as the eager ops, Inductor realized a buffer every two stages: three extra loop nests.) Eager and
+compiled code do the same adds in the same order, so they agree bit for bit.
 """
 
 from __future__ import annotations
