@@ -6,7 +6,11 @@ time mostly measures the other processes):
 a copy (one read + one write: the memory floor), `fake_quantize`, and `hadamard` + `fake_quantize`,
 on fp32 activations; and the loop nests Inductor generates for the last one.
 
-    python benchmarks/hadamard_fusion.py [--shapes 2048x576,2048x1536] [--runs 30] [--format fp4_e2m1] [--code]
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/hadamard_fusion.py [--shapes 2048x576,2048x1536] [--runs 200] [--format fp4_e2m1] [--code]
+
+(The malloc settings keep glibc from handing each multi-MB output back to the kernel and faulting
+it in again on the next call; without them the timings of the larger shape jump between two modes.)
 """
 
 import argparse
@@ -33,7 +37,7 @@ def loop_nests(code: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2048x576,2048x1536")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--format", default="fp4_e2m1")
     parser.add_argument("--code", action="store_true", help="print the generated code of hadamard + fake_quantize")
     args = parser.parse_args()

@@ -246,9 +246,13 @@ def register_hadamard_lowering(op: torch._ops.OpOverload) -> bool:
     with s_b(j) = -1 where bit b of j's in-block position is set, else +1, and one final multiply by
     1/sqrt(block_size). The leaves are x[block start + i] for i = 0 .. block_size - 1 in order and
     the adds happen in the same tree order as the eager stages; a sign flip commutes exactly with
-    IEEE addition (round-to-nearest is symmetric), so every output is bit-identical to eager's.
-    It costs block_size loads and block_size - 1 adds and multiplies by +-1 per element (the
-    butterfly: log2(block_size)), all from the one block in cache.
+    IEEE addition (round-to-nearest is symmetric), so every output is bit-identical to eager's
+    (each node is `fma(high, s, low)`, exact too: `s * high` is). It costs block_size loads and
+    block_size - 1 multiply-adds per element (the butterfly: log2(block_size) adds), all from the
+    one block in cache; the loads do not depend on the position, so a vectorized loop over
+    positions broadcasts them. The iteration space is (..., block, position, ...), which the
+    quantizer's per-block loop shares: Inductor fuses the two into one loop nest and keeps the
+    rotated block in a local buffer.
 
     Other dtypes keep the decomposition (eager rounds every stage to bf16/fp16; Inductor would
     compute in fp32). Idempotent. Returns whether the lowering is registered.
