@@ -229,3 +229,76 @@ def register_realize_lowering(op: torch._ops.OpOverload) -> None:
     def _realize(x):
         x.realize()
         return x
+
+
+def register_hadamard_lowering(op: torch._ops.OpOverload) -> bool:
+    """Lower `mxfx::hadamard(x, block_size, axis)` on fp32 `x` to one Inductor Pointwise, so the
+    rotation is computed inside the loop that consumes it instead of as buffers between stages.
+
+    Inductor, given the butterfly as a chain of broadcast pointwise ops, realizes an intermediate
+    buffer every two stages (a value read by more than one later load is realized once its
+    read count passes `realize_reads_threshold`): for a block of 32 that is three loop nests with
+    inner loops of 2 and 8 elements before the quantizer's. Here each output element is instead
+    computed from the `block_size` loads of its block by the same butterfly tree that eager runs:
+
+        T_0(i) = x[i],   T_b(j) = T_{b-1}(j with bit b-1 clear) + s_{b-1}(j) T_{b-1}(j with bit b-1 set)
+
+    with s_b(j) = -1 where bit b of j's in-block position is set, else +1, and one final multiply by
+    1/sqrt(block_size). The leaves are x[block start + i] for i = 0 .. block_size - 1 in order and
+    the adds happen in the same tree order as the eager stages; a sign flip commutes exactly with
+    IEEE addition (round-to-nearest is symmetric), so every output is bit-identical to eager's
+    (each node is `fma(high, s, low)`, exact too: `s * high` is). It costs block_size loads and
+    block_size - 1 multiply-adds per element (the butterfly: log2(block_size) adds), all from the
+    one block in cache; the loads do not depend on the position, so a vectorized loop over
+    positions broadcasts them. The iteration space is (..., block, position, ...), which the
+    quantizer's per-block loop shares: Inductor fuses the two into one loop nest and keeps the
+    rotated block in a local buffer.
+
+    Other dtypes keep the decomposition (eager rounds every stage to bf16/fp16; Inductor would
+    compute in fp32). Idempotent. Returns whether the lowering is registered.
+    """
+    import math
+
+    try:
+        from torch._inductor import ir, lowering
+        from torch._inductor.virtualized import ops
+        from torch.utils._sympy.functions import FloorDiv
+    except ImportError as error:  # a torch whose internals moved: the decomposition stays
+        _log.info("mxfx: no Inductor lowering for %s (%s)", op, error)
+        return False
+    if op in lowering.lowerings:
+        return True
+
+    @lowering.register_lowering(op, type_promotion_kind=None)
+    def _hadamard(x, block_size, axis):
+        size = list(x.get_size())
+        axis = axis % len(size)
+        load = x.make_loader()
+        bits = block_size.bit_length() - 1
+        # Iterate over (..., block, position in block, ...): the loads of a block do not depend
+        # on the position, so the vectorized inner loop broadcasts them (no gathers).
+        ranges = [*size[:axis], FloorDiv(size[axis], block_size), block_size, *size[axis + 1 :]]
+
+        def inner_fn(index):
+            outer, block, position, inner = index[:axis], index[axis], index[axis + 1], index[axis + 2 :]
+            # s_b = 1 - 2 * ((position >> b) & 1), from the position as a contiguous int32 vector
+            lane = ops.index_expr(position, torch.int32)
+            one, two = ops.constant(1, torch.int32), ops.constant(2, torch.int32)
+            signs = [ops.to_dtype(ops.sub(one, ops.mul(two, ops.bitwise_and(
+                ops.bitwise_right_shift(lane, ops.constant(b, torch.int32)), one))), torch.float32) for b in range(bits)]
+
+            def tree(first: int, count: int):
+                if count == 1:
+                    return load([*outer, block * block_size + first, *inner])
+                half = count // 2
+                low, high = tree(first, half), tree(first + half, half)
+                # fma(high, s, low) == low + s * high exactly: s * high is exact (s = +-1)
+                return ops.fma(high, signs[half.bit_length() - 1], low)
+
+            # the same constant eager multiplies by, rounded to fp32 the same way
+            return ops.mul(tree(0, block_size), ops.constant(1.0 / math.sqrt(block_size), torch.float32))
+
+        rotated = ir.Pointwise.create(device=x.get_device(), dtype=x.get_dtype(), inner_fn=inner_fn, ranges=ranges)
+        return lowering.view(rotated, size)
+
+    return True

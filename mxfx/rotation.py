@@ -12,11 +12,12 @@ so the weight is rotated once, offline, and the input online, right before its q
 block each MX block is rotated on its own (as in MR-GPTQ / FP-Quant for MXFP4).
 
 The math is a Walsh-Hadamard butterfly: log2(block) stages of `(a, c) -> (a + c, a - c)` and one
-final multiply by 1/sqrt(block). Written as broadcast pointwise ops (no matmul), Inductor puts it
-in the same kernel function as the quantization that follows (no GEMM, no extra launch), though it
-materializes the butterfly every two stages (its read-count heuristic): for a block of 32, two extra
-passes over the activation before the last stage, fused with the quantization. Eager and compiled
-code do the same adds in the same order, so they agree bit for bit.
+final multiply by 1/sqrt(block). Eager runs it as broadcast pointwise ops (no matmul). Inductor
+gets, for fp32, a lowering (`_compat.register_hadamard_lowering`) that computes each output from
+the loads of its block by the same tree of adds, so the rotation runs inside the loop of the
+quantizer that consumes it: one loop nest, the rotated activation never written to memory. (Traced
+as the eager ops, Inductor realized a buffer every two stages: three extra loop nests.) Eager and
+compiled code do the same adds in the same order, so they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -85,8 +86,18 @@ def _hadamard_setup(ctx, inputs, output):
     ctx.block_size, ctx.axis = inputs[1], inputs[2]
 
 
+def _hadamard_decomposition(x: Tensor, block_size: int, axis: int):
+    """Inductor's view of the op: fp32 with a static block size keeps the op for its one-Pointwise
+    lowering (`_compat.register_hadamard_lowering`); other dtypes, and a block size that is
+    symbolic (`dynamic=True` makes int arguments symbolic), trace the eager butterfly."""
+    if x.dtype == torch.float32 and isinstance(block_size, int) and _LOWERED:
+        return NotImplemented
+    return _hadamard_impl(x, block_size, axis)
+
+
 hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
-_compat.register_inductor_decomposition(torch.ops.mxfx.hadamard.default, _hadamard_impl)
+_LOWERED = _compat.register_hadamard_lowering(torch.ops.mxfx.hadamard.default)
+_compat.register_inductor_decomposition(torch.ops.mxfx.hadamard.default, _hadamard_decomposition)
 
 
 def rotate_weight(weight: Tensor, block_size: int) -> Tensor:

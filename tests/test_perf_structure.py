@@ -61,3 +61,52 @@ def test_realize_hint_stays_out_of_eager_and_exported_graphs():
     assert not any("realize" in t for t in targets)  # ... by the ops alone
     x = torch.randn(3, 64)
     assert torch.equal(torch.ops.mxfx.realize(x), x)  # the identity in eager
+
+
+def loop_nests(code: list[str]) -> int:
+    """Loop nests in generated CPU code (each nest's outermost loop runs over x0)."""
+    return sum(c.count("for(int64_t x0=") for c in code)
+
+
+@pytest.mark.slow
+def test_hadamard_rotation_runs_inside_the_quantizer_loop(fresh_dynamo):
+    # Issue #14: the online rotation is fused into the quantization kernel, not an extra pass
+    # over memory. The butterfly as pointwise ops compiled to three more loop nests (Inductor
+    # realized a buffer every two stages); the lowering computes it in the quantizer's own loop.
+    x = torch.randn(64, 96)
+
+    def fq(t):
+        return torch.ops.mxfx.fake_quantize(t, "fp4_e2m1", 32, -1, "floor", "even", 0, False)
+
+    plain, plain_code = run_and_get_code(torch.compile(fq, fullgraph=True), x)
+    torch._dynamo.reset()
+    rotated, code = run_and_get_code(torch.compile(lambda t: fq(torch.ops.mxfx.hadamard(t, 32, -1)), fullgraph=True), x)
+    assert loop_nests(plain_code) == 1
+    assert loop_nests(code) == 1, code[0]
+    # no more buffers than the plain quantizer (its output and per-block scratch): the rotated
+    # activation never goes to memory
+    assert code[0].count("empty_strided_cpu(") == plain_code[0].count("empty_strided_cpu(")
+    assert "torch.ops.mxfx" not in code[0]
+    assert "Vectorized<float>" in code[0]
+    assert bits_equal(rotated, fq(torch.ops.mxfx.hadamard(x, 32, -1)))
+    assert bits_equal(plain, fq(x))
+
+
+@pytest.mark.slow
+def test_prepared_rotation_adds_no_loop_nest(fresh_dynamo):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    x = torch.randn(2, 8, 64)
+    spec = MXSpec("fp4_e2m1")
+    nests = {}
+    for rotation in ("", "hadamard"):
+        torch._dynamo.reset()
+        config = QuantConfig((Rule(match=".*", weight=spec, activation=spec, rotation=rotation),))
+        prepared = mxfx.prepare(model, config, (x,))
+        with torch.no_grad():
+            eager = prepared(x)
+            compiled, code = run_and_get_code(torch.compile(prepared), x)
+        nests[rotation] = loop_nests(code)
+        assert "torch.ops.mxfx" not in code[0]
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # GEMM order may differ
+    assert nests["hadamard"] <= nests[""], nests

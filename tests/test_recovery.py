@@ -17,6 +17,7 @@ import pytest
 import scalar_reference as ref
 import tomllib
 import torch
+from conftest import bits_equal
 
 import mxfx
 from mxfx import _compat
@@ -153,6 +154,104 @@ def test_attention_rotation_matches_hand_reference(module):
     assert torch.allclose(prepared(q, k, v).double(), expected, atol=1e-5)
 
 
+class Einsum(torch.nn.Module):
+    """Einsum attention; `qk` is the QK^T equation (its Q term may put head_dim anywhere)."""
+
+    def __init__(self, qk: str = "bhld,bhsd->bhls") -> None:
+        super().__init__()
+        self.qk = qk
+
+    def forward(self, q, k, v):
+        scores = torch.einsum(self.qk, q, k) * k.shape[-1] ** -0.5
+        return torch.einsum("bhls,bhsd->bhld", torch.softmax(scores, dim=-1), v)
+
+
+class BAddBMM(torch.nn.Module):
+    """BLOOM-style QK^T: baddbmm(bias, Q, K^T) on (batch * heads, L, D)."""
+
+    def forward(self, q, k, v):
+        bias = torch.arange(8.0).expand(8, 8).unsqueeze(0) / 8
+        scores = torch.baddbmm(bias, q[0], k[0].transpose(-2, -1), alpha=32**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), v[0]).unsqueeze(0)
+
+
+def _rotate_only(module, inputs, block: int):
+    """The exported module with only the matching passes and RotateAttentionPass applied (no quantization)."""
+    from mxfx.passes.rotate_attention import RotateAttentionPass
+
+    from mxfx.prepare import matching_passes
+
+    spec = MXSpec("fp4_e2m1", block_size=block)
+    config = QuantConfig((Rule(".*", attention=AttentionSpec(query=spec, key=spec), attention_rotation="hadamard"),))
+    gm = torch.export.export(module, inputs).module()
+    for pass_ in (*matching_passes(config), RotateAttentionPass(config)):
+        gm = pass_(gm).graph_module
+    return gm
+
+
+@pytest.mark.parametrize("module", [Einsum(), Einsum("bhdl,bhsd->bhls"), Einsum("bhld,bshd->bhls"), BAddBMM(), Explicit()],
+                         ids=["einsum", "einsum-q-bhdl", "einsum-k-bshd", "baddbmm", "matmul"])
+def test_attention_rotation_is_exact_without_quantization(module):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 64) for _ in range(3))
+    # the rotation is not the identity on these inputs (else this test would pass without one)
+    assert not torch.allclose(torch.ops.mxfx.hadamard(q, 32, -1), q, atol=1e-3)
+    if isinstance(module, Einsum) and module.qk.startswith("bhdl"):
+        q = q.transpose(-2, -1).contiguous()  # (b, h, d, l): head_dim is axis -2 of Q
+    if isinstance(module, Einsum) and ",bshd" in module.qk:
+        k = k.transpose(1, 2).contiguous()  # (b, s, h, d)
+    if isinstance(module, BAddBMM):
+        q, k, v = (t[:, :1] for t in (q, k, v))
+    gm = _rotate_only(module.eval(), (q, k, v), 32)
+    hadamards = [n for n in gm.graph.nodes if n.target is torch.ops.mxfx.hadamard.default]
+    assert len(hadamards) == 2
+    assert torch.allclose(gm(q, k, v), module(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("equation", ["bhld,bhsd->bhls", "bhdl,bhsd->bhls"])
+def test_einsum_attention_rotation_matches_hand_reference(equation):
+    q, k, v = (_integer_like(1, 2, 8, 32) for _ in range(3))
+    spec = MXSpec("fp4_e2m1", block_size=16)
+    rule = Rule(".*", attention=AttentionSpec(query=spec, key=spec), attention_rotation="hadamard")
+    q_in = q.transpose(-2, -1).contiguous() if equation.startswith("bhdl") else q
+    prepared = mxfx.prepare(Einsum(equation).eval(), QuantConfig((rule,)), (q_in, k, v))
+    assert prepared.mxfx_report.rewrites["RotateAttentionPass"] == 1
+    (site,) = prepared.mxfx_report.sites
+    assert site.quantized and site.form == "einsum"
+    qr, kr = (fake_quantize_rows(block_rotate(t, 16).float(), "fp4_e2m1", 16).double() for t in (q, k))
+    expected = torch.softmax(qr @ kr.transpose(-2, -1) / 32**0.5, -1) @ v.double()
+    assert torch.allclose(prepared(q_in, k, v).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("equation", "k_shape", "reason"), [
+    # head_dim is axis -2 of Q in this equation (32 rows of 48 queries): the block 32 fits it
+    ("bhdl,bhsd->bhls", None, None),
+    # here head_dim is 48, read from the equation (Q's last axis is 32 queries)
+    # (dynamic under prepare's dynamic_shapes="auto": nothing in this module fixes it)
+    ("bhdl,bhsd->bhls", "d48", r"does not divide head_dim s\d+ \(dynamic; 48 in the example inputs\)"),
+    # the key's head_dim index is broadcast from size 1: rotating Q along it would change QK^T
+    ("bhld,bhsd->bhls", "d1", r"broadcasts its contracted index \(sizes s\d+ \(dynamic; 32 in the example inputs\) and 1\)"),
+])
+def test_einsum_attention_rotation_checks_the_equation(equation, k_shape, reason):
+    d = 48 if k_shape == "d48" else 32
+    q = torch.randn(1, 2, d, 32) if equation.startswith("bhdl") else torch.randn(1, 2, 8, d)
+    k = torch.randn(1, 2, 8, 1 if k_shape == "d1" else d)
+    v = torch.randn(1, 2, 8, 16)
+    spec = MXSpec("fp8_e4m3")
+    rule = Rule(".*", attention=AttentionSpec(query=spec, key=spec), attention_rotation="hadamard")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = mxfx.prepare(Einsum(equation).eval(), QuantConfig((rule,)), (q, k, v))
+    (site,) = prepared.mxfx_report.sites
+    rotations = sum(n.target is torch.ops.mxfx.hadamard.default for n in prepared.graph.nodes)
+    if reason is None:
+        assert site.quantized and rotations == 2
+    else:
+        assert site.status == CHECK_FAILED and re.search(reason, site.reason) and rotations == 0
+        assert not any(n.target is torch.ops.mxfx.fake_quantize.default for n in prepared.graph.nodes)
+        assert torch.allclose(prepared(q, k, v), Einsum(equation)(q, k, v), atol=1e-6)
+
+
 # --- error-minimizing scales --------------------------------------------------------------------
 
 
@@ -225,6 +324,43 @@ def test_new_numerics_eager_equals_compiled(fresh_dynamo):
     # The rotation runs inside the quantization kernel (no GEMM, no separate rotation kernel).
     assert not re.search(r"extern_kernels\.\w+\(", source)
     assert not any("hadamard" in name and "quantize" not in name for name in re.findall(r"cpp_fused_\w+", source))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "block", "axis", "how"), [
+    ((4, 64, 6), 32, 1, "fp32"),  # a middle axis, with a trailing axis after it
+    ((4, 6, 128), 128, -1, "fp32"),
+    ((3, 64), 1, -1, "fp32"),  # the identity
+    ((24, 64), 8, -1, "transposed"),  # a strided input
+    ((4, 64), 32, -1, "fp64"),  # other dtypes trace the eager butterfly
+    ((5, 96), 32, -1, "dynamic"),  # dynamic=True: the block size is symbolic, so the butterfly is traced
+    ((8, 64), 32, -1, "special"),  # +-Inf, NaN, -0, fp32 subnormals, sums that overflow
+])
+def test_hadamard_lowering_is_bit_exact(shape, block, axis, how, fresh_dynamo):
+    # The fp32 lowering computes each output from its block's loads by the butterfly tree
+    # (_compat.register_hadamard_lowering): it must agree with eager bit for bit.
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64 if how == "fp64" else torch.float32)
+    if how == "transposed":
+        x = torch.randn(*reversed(shape)).t()
+    if how == "special":
+        specials = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 0.0, 1e-40, -3e-39, 3e38, -3e38])
+        x = specials[torch.randint(0, len(specials), shape)]
+        x[:4] = torch.randn(4, shape[1])  # and some ordinary rows
+
+    def f(t):
+        return torch.ops.mxfx.hadamard(t, block, axis)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=how == "dynamic")
+    got, expected = compiled(x), f(x)
+    # NaN where eager has NaN (its sign and payload are the CPU's business: MX maps any NaN in a
+    # block to scale code 0xFF), every other bit equal, -0 included
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan)
+    assert bits_equal(got.masked_fill(nan, 0.0), expected.masked_fill(nan, 0.0))
+    if how == "dynamic":
+        other = torch.randn(9, 64)
+        assert torch.equal(compiled(other), f(other))
 
 
 # --- GPTQ ---------------------------------------------------------------------------------------
