@@ -88,7 +88,7 @@ class OpRow:
     inputs: Difference  # all tensor inputs together (equal iff each is)
     output: Difference  # the first tensor output
     after: str = ""  # for an mxfx op: the non-MX op that produced its first input
-    local: Difference | None = None  # compiled output vs the eager op run on the *compiled* inputs
+    local: Difference | None = None  # compiled output vs the eager op run on the *compiled* inputs (None: not re-run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +99,7 @@ class DivergenceReport:
     origins: tuple[OpRow, ...]  # nodes whose inputs agree and whose output does not, in graph order
     output: Difference  # the module's output(s), all leaves together
     local: tuple[OpRow, ...] = ()  # every node that computes differently compiled on the same inputs
+    not_rerun: tuple[str, ...] = ()  # in-place ops and the values they write: read back after the write
 
     def local_ops(self) -> dict[str, int]:
         """How many nodes of each op compute differently compiled, given the same inputs."""
@@ -132,6 +133,9 @@ class DivergenceReport:
         text.append(f"\nmodule output: {_fmt(self.output)}")
         text.append("ops that compute differently compiled on the same inputs: "
                     + (", ".join(f"{op} x{n}" for op, n in self.local_ops().items()) or "none"))
+        if self.not_rerun:
+            text.append("not re-run on the compiled inputs (in-place ops and the values they write, read back after the write): "
+                        + ", ".join(self.not_rerun))
         return "\n".join(text)
 
 
@@ -243,11 +247,17 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
     # Local differences: each op re-run eagerly on the values the compiled code fed it.
     source = dict(compiled_env)
     local: dict[str, Difference] = {}
+    written = _written(flat)
     with torch.no_grad():
         for node in flat.graph.nodes:
             if node.op != "call_function":
                 continue
             call_args, call_kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: source[n.name])
+            if _is_mutable(node) or node.name in written:
+                # An in-place op (T5's `buckets += ...`) and the value it writes: both runs read that
+                # value back after the write, so neither can be re-run on what it was fed.
+                source[node.name] = compiled_env.get(node.name, eager_env[node.name])
+                continue  # its OpRow.local stays None: not measured
             value = node.target(*call_args, **call_kwargs)
             if node.name in described:
                 local[node.name] = Difference.of(_tensors(value)[0], _tensors(compiled_env[node.name])[0])
@@ -258,11 +268,32 @@ def compare(prepared: fx.GraphModule, *args, compile: Callable[[fx.GraphModule],
     for name, (target, where, after, _) in described.items():
         pairs = [(a, b) for n in inputs[name] for a, b in zip(_tensors(eager_env[n]), _tensors(compiled_env[n]))]
         out = Difference.of(_tensors(eager_env[name])[0], _tensors(compiled_env[name])[0])
-        rows[name] = OpRow(name, target, where, _joint(pairs), out, after, local[name])
+        rows[name] = OpRow(name, target, where, _joint(pairs), out, after, local.get(name))
     mx_rows = tuple(rows[name] for name, info in described.items() if info[3])
     origins = tuple(row for row in rows.values() if row.inputs.equal and not row.output.equal)
     output = _joint([(a, b) for a, b in zip(_tensors(eager_out), _tensors(compiled_out))])
-    return DivergenceReport(mx_rows, origins, output, tuple(r for r in rows.values() if not r.local.equal))
+    return DivergenceReport(mx_rows, origins, output, tuple(r for r in rows.values() if r.local is not None and not r.local.equal),
+                            tuple(r.node for r in rows.values() if r.local is None))
+
+
+def _is_mutable(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _written(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes whose value an in-place op of the graph writes (its schema's aliasing args)."""
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if not _is_mutable(node):
+            continue
+        schema = node.target._schema
+        bound = {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+        for argument in schema.arguments:
+            value = bound.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
+                names.add(value.name)
+    return names
 
 
 def _flat_inputs(prepared: fx.GraphModule, args: tuple, kwargs: dict) -> list:
