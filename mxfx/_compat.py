@@ -229,3 +229,27 @@ def register_realize_lowering(op: torch._ops.OpOverload) -> None:
     def _realize(x):
         x.realize()
         return x
+
+
+def inductor_freezing():
+    """A context in which torch.compile compiles with Inductor freezing (`inductor.config.freezing`).
+
+    Freezing turns the parameters and buffers of the compiled module into constants and folds the
+    parts of the graph that depend only on them (after the mxfx decompositions are traced, so the
+    dequantize of packed weight codes is folded into a constant weight). It must be on while Dynamo
+    traces (Dynamo reads it to decide how parameters enter the graph), which
+    `torch.compile(options={"freezing": True})` does not achieve in torch 2.13 (the options reach
+    Inductor only): the global config is patched for the duration of the context. Fail-safe: on a
+    torch without the switch, a log message and a context that changes nothing.
+    """
+    import contextlib
+
+    try:
+        from torch._inductor import config
+
+        if not hasattr(config, "freezing"):
+            raise AttributeError("torch._inductor.config.freezing")
+        return config.patch(freezing=True)
+    except (ImportError, AttributeError) as error:
+        _log.warning("mxfx: Inductor freezing is not available in this torch (%s); weights are not folded", error)
+        return contextlib.nullcontext()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
+from mxfx.attention import attention_reference
 from mxfx.formats import get_format
 from mxfx.numerics import (
     dequantize_last_axis,
@@ -262,6 +263,8 @@ for _op, _impl in (
     (torch.ops.mxfx.fake_quantize.default, _realizing(_fake_quantize_impl)),
     (torch.ops.mxfx.linear.default, _realizing(_linear_impl)),
     (torch.ops.mxfx.matmul.default, _realizing(_matmul_impl, inputs=False)),
+    # Q, K, V and P are realized by `quantize_operand` where they are quantized, and only there.
+    (torch.ops.mxfx.attention.default, _realizing(attention_reference, inputs=False)),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but
@@ -284,3 +287,27 @@ def _source_digest() -> str:
 # A cached kernel must never outlive the math it was built from. This keys every compile in the
 # process, mxfx's or not: torch 2.13 has no per-op key (see the function's docstring).
 _compat.tag_compile_caches(_source_digest())
+
+
+def frozen_weights():
+    """A context for the first call of a `torch.compile`d prepared module that makes its weights
+    compile-time constants: packed weights are dequantized once, at compile time, instead of on
+    every call (Inductor freezing; inference only: the context also disables autograd).
+
+        compiled = torch.compile(prepared)
+        with mxfx.ops.frozen_weights():
+            compiled(x)  # compiles with the weights folded in
+        compiled(x)  # later calls (no_grad) reuse that code
+
+    The folded weight is the dequantized weight bit for bit (the same decomposition, evaluated by
+    the eager kernels at compile time); freezing may also pick a prepacked oneDNN GEMM, whose
+    rounding can differ in the last bit from the plain compiled GEMM. A recompile outside the
+    context (e.g. a new input shape) compiles without freezing. Later changes to the module's
+    tensors are not seen by the frozen code.
+    """
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(_compat.inductor_freezing())
+    return stack

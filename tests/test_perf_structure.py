@@ -61,3 +61,40 @@ def test_realize_hint_stays_out_of_eager_and_exported_graphs():
     assert not any("realize" in t for t in targets)  # ... by the ops alone
     x = torch.randn(3, 64)
     assert torch.equal(torch.ops.mxfx.realize(x), x)  # the identity in eager
+
+
+@pytest.mark.slow
+def test_isolated_measurements_share_the_model_parameters(monkeypatch):
+    # issue #15: sensitivity's isolated mode prepares one module per measurement from the one
+    # ExportedProgram; those modules must share the model's parameter storage (no deep copy of
+    # the model per measurement). A copy.deepcopy of a module or a Parameter fails it too.
+    import copy
+    import importlib
+
+    from model_zoo import MLP
+
+    sensitivity = importlib.import_module("mxfx.sensitivity")  # (mxfx.sensitivity is also the function)
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    originals = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    prepared_modules = []
+    real_prepare, real_deepcopy = sensitivity.prepare, copy.deepcopy
+
+    def recording_prepare(*args, **kwargs):
+        module = real_prepare(*args, **kwargs)
+        prepared_modules.append(module)
+        return module
+
+    def guarded_deepcopy(value, *args, **kwargs):
+        assert not isinstance(value, (torch.nn.Module, torch.nn.Parameter)), f"deep copy of a {type(value).__name__}"
+        return real_deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "prepare", recording_prepare)
+    monkeypatch.setattr(copy, "deepcopy", guarded_deepcopy)
+    x = torch.randn(4, 64)
+    report = mxfx.sensitivity(model, x, ["fp8_e4m3", "fp4_e2m1"], mode="isolated", progress=None)
+    assert len(report.rows) >= 2 and len(prepared_modules) >= len(report.rows)
+    for module in prepared_modules:
+        floats = [p for p in module.parameters() if p.is_floating_point()]
+        assert floats and all(p.untyped_storage().data_ptr() in originals for p in floats)
