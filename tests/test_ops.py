@@ -203,6 +203,8 @@ def test_frozen_weights_fold_the_packed_dequantize_bit_exactly(fresh_dynamo):
         again = torch.compile(prepared)(x)  # served by the frozen compile
     uint8_args = [c.count("dtype=torch.uint8)") for c in (plain_code[0], frozen_code[0])]
     assert uint8_args[0] >= 4 and uint8_args[1] == 0, uint8_args  # codes and scales are no longer inputs
+    # ... nor any intermediate of their decode: the fold reaches the fp32 weight (no int32/bool constants)
+    assert "dtype=torch.int32)" not in frozen_code[0] and "dtype=torch.bool)" not in frozen_code[0]
     assert bits_equal(frozen, plain) and bits_equal(again, frozen)
     # The folded weight is the eager dequantize; with the same GEMM the output is the eager one.
     assert bits_equal(frozen, prepared(x))
