@@ -343,9 +343,9 @@ def _per_block(t: Tensor, hint: Callable[[Tensor], Tensor] | None) -> Tensor:
 def _scaled_blocks(
     x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool, rounding: str = "even",
     hint: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The front half of quantization: (V / X in fp32, shaped (..., n_blocks, block_size);
-    E8M0 scale codes, the fp32 block maxima and the fp32 scales X, shaped (..., n_blocks, 1))."""
+    E8M0 scale codes and the fp32 block maxima, both shaped (..., n_blocks, 1))."""
     x32 = x.to(torch.float32)  # bf16/fp16 -> fp32 is exact; all math in fp32 (MX_SPEC.md)
     if flush_subnormals:
         x32 = torch.where(x32.abs() < 2.0**-126, x32 * 0.0, x32)  # * 0.0 keeps the sign of zero
@@ -360,11 +360,8 @@ def _scaled_blocks(
         scales = _mse_scales(blocks, amax, fmt, rounding)
     else:
         scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
-    scale = _per_block(decode_scales(scales), hint)  # X, one per block
-    # 1 / X is exact (a power of two in [2^-127, 2^127]), and so is V * (1 / X) = V / X; a NaN
-    # block (scale 0xFF) gets NaN here, which every caller masks by the block's amax or scale.
-    inverse = _per_block(1.0 / scale, hint)
-    return blocks * inverse, scales, amax, scale
+    inverse = _pow2(E8M0_BIAS - scales.to(torch.int32))  # 1 / X, one per block
+    return blocks * _per_block(inverse, hint), scales, amax  # V / X, exact
 
 
 def quantize_last_axis(
@@ -383,7 +380,7 @@ def quantize_last_axis(
     n_blocks = ceil(n / block_size).
     """
     fmt = get_format(elem_format)
-    scaled, scales, amax, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
+    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
     # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero. The test
     # is on amax, not on the scale code (the same blocks): where Inductor inlined the scale-code
     # test into the packing loop, re-deriving it per element cost 1.5-2x the whole kernel.
@@ -424,7 +421,8 @@ def fake_quantize_last_axis(
     Skips packing (a bijection) so that Inductor emits one simple fused kernel.
     """
     fmt = get_format(elem_format)
-    scaled, scales, _, scale = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
+    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
+    scale = _per_block(decode_scales(scales), hint)
     # A NaN block is the scale's NaN, bit for bit: a NaN element times the NaN scale would give
     # either NaN operand's payload and sign, as the compiler orders the multiply (§6.3: NaN scale).
     out = torch.where(torch.isnan(scale), scale, round_elements(scaled, fmt, rounding, seed) * scale)
