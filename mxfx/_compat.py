@@ -302,3 +302,77 @@ def register_hadamard_lowering(op: torch._ops.OpOverload) -> bool:
         return lowering.view(rotated, size)
 
     return True
+
+
+def inductor_freezing():
+    """A context in which torch.compile compiles with Inductor freezing (`inductor.config.freezing`).
+
+    Freezing turns the parameters and buffers of the compiled module into constants and folds the
+    parts of the graph that depend only on them (after the mxfx decompositions are traced, so the
+    dequantize of packed weight codes is folded into a constant weight). It must be on while Dynamo
+    traces (Dynamo reads it to decide how parameters enter the graph), which
+    `torch.compile(options={"freezing": True})` does not achieve in torch 2.13 (the options reach
+    Inductor only): the global config is patched for the duration of the context.
+
+    Inductor's folder also treats every constructor (`aten.full`, which is what a Python scalar in
+    `torch.where(mask, nan, x)` or a `torch.ones_like` becomes) as not constant, so the fold of an
+    MX decode stopped at its first such op and left full-size int32/bool intermediates as constants
+    (more bytes per call than the uint8 codes). Within the context the folder evaluates
+    constructors too but never turns a constructor itself into a constant: a constructor whose
+    every user folds disappears, one that feeds the rest of the graph stays a constructor.
+    Fail-safe: on a torch without these internals, a log message and whatever part still applies.
+    """
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        from torch._inductor import config
+
+        if not hasattr(config, "freezing"):
+            raise AttributeError("torch._inductor.config.freezing")
+        stack.enter_context(config.patch(freezing=True))
+    except (ImportError, AttributeError) as error:
+        _log.warning("mxfx: Inductor freezing is not available in this torch (%s); weights are not folded", error)
+        return stack
+    try:
+        from unittest import mock
+
+        from torch._inductor import constant_folding, freezing
+
+        if not (callable(getattr(freezing, "constant_fold", None)) and hasattr(constant_folding, "ConstantFolder")
+                and hasattr(constant_folding, "replace_node_with_constant")):
+            raise AttributeError("torch._inductor.freezing.constant_fold")
+        stack.enter_context(mock.patch.object(freezing, "constant_fold", _constant_fold_with_constructors))
+    except (ImportError, AttributeError) as error:
+        _log.warning("mxfx: cannot extend Inductor's constant folding in this torch (%s); "
+                     "packed weights are folded only in part", error)
+    return stack
+
+
+def _constant_fold_with_constructors(gm, constraint_fn=None) -> None:
+    """torch 2.13's `constant_folding.constant_fold`, with `skip_constructors=False` and
+    constructor nodes themselves never replaced by constants (see `inductor_freezing`)."""
+    from torch._inductor.constant_folding import ConstantFolder, replace_node_with_constant
+
+    def foldable(node) -> bool:
+        if constraint_fn is not None and not constraint_fn(node):
+            return False
+        return node.op != "call_function" or bool(node.all_input_nodes)  # a constructor reads no node
+
+    with torch.utils._python_dispatch._disable_current_modes():
+        folder = ConstantFolder(gm, skip_constructors=False)
+        folder.run()
+        for node, constant in folder.node_replacements.items():
+            if foldable(node):
+                replace_node_with_constant(gm, node, constant)
+        erased = []
+        for node in gm.graph.find_nodes(op="get_attr"):
+            if len(node.users) == 0:
+                if hasattr(gm, node.target):
+                    delattr(gm, node.target)
+                erased.append(node)
+        for node in erased:
+            gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()

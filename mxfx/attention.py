@@ -21,33 +21,34 @@ import math
 import torch
 from torch import Tensor
 
-from mxfx import _compat
 from mxfx.config import MXSpec
 from mxfx.numerics import fake_quantize_last_axis
 
 
-def quantize_operand(x: Tensor, spec: str, axis: int = -1) -> Tensor:
-    """x in fp32, fake-quantized along `axis` when `spec` (`MXSpec.to_arg()`, "" for none) is set."""
+def quantize_operand(x: Tensor, spec: str, axis: int = -1, hint=None) -> Tensor:
+    """x in fp32, fake-quantized along `axis` when `spec` (`MXSpec.to_arg()`, "" for none) is set.
+    `hint`: see `mxfx.ops._realizing` (Inductor only; applied to the operand and its block scales)."""
     x = x.to(torch.float32)
     parsed = MXSpec.from_arg(spec)
     if parsed is None:
         return x
-    moved = x.movedim(axis, -1)
+    moved = (x if hint is None else hint(x)).movedim(axis, -1)
     return fake_quantize_last_axis(moved, parsed.format, parsed.block_size, parsed.scale_mode,
-                                   parsed.rounding).movedim(-1, axis)
+                                   parsed.rounding, hint=hint).movedim(-1, axis)
 
 
 def attention_reference(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
     scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str, probs_spec: str,
+    hint=None,
 ) -> Tensor:
     """SDPA semantics (dropout 0) with MX quantization of Q, K, V and the softmax output P."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
-    q = quantize_operand(query, query_spec, -1)
-    k = quantize_operand(key, key_spec, -1)
+    q = quantize_operand(query, query_spec, -1, hint)
+    k = quantize_operand(key, key_spec, -1, hint)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     length, source = query.shape[-2], key.shape[-2]
@@ -59,8 +60,8 @@ def attention_reference(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(torch.float32)
-    probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1)
-    v = quantize_operand(value, value_spec, -2)
+    probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1, hint)
+    v = quantize_operand(value, value_spec, -2, hint)
     return _sdpa_layout(torch.matmul(probs, v).to(query.dtype))
 
 
@@ -96,4 +97,4 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, ke
     return _sdpa_layout(query.new_empty((*query.shape[:-1], value.shape[-1])))
 
 
-_compat.register_inductor_decomposition(torch.ops.mxfx.attention.default, attention_reference)
+# Registered by mxfx.ops, which gives it the realize hint (`_realizing`).

@@ -22,6 +22,7 @@ costs ~5x an fp32 multiply pass), while float ops vectorize.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -334,8 +335,14 @@ def _mse_scales(blocks: Tensor, amax: Tensor, fmt: ElementFormat, rounding: str)
     return best_code.to(torch.uint8)
 
 
+def _per_block(t: Tensor, hint: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """`hint(t)` for a per-block tensor (the identity where there is no hint)."""
+    return t if hint is None else hint(t)
+
+
 def _scaled_blocks(
-    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool, rounding: str = "even"
+    x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool, rounding: str = "even",
+    hint: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The front half of quantization: (V / X in fp32, shaped (..., n_blocks, block_size);
     E8M0 scale codes and the fp32 block maxima, both shaped (..., n_blocks, 1))."""
@@ -353,7 +360,8 @@ def _scaled_blocks(
         scales = _mse_scales(blocks, amax, fmt, rounding)
     else:
         scales = shared_exponent(amax.view(torch.int32), fmt, scale_mode)
-    return blocks * _pow2(E8M0_BIAS - scales.to(torch.int32)), scales, amax  # V / X, exact
+    inverse = _pow2(E8M0_BIAS - scales.to(torch.int32))  # 1 / X, one per block
+    return blocks * _per_block(inverse, hint), scales, amax  # V / X, exact
 
 
 def quantize_last_axis(
@@ -364,6 +372,7 @@ def quantize_last_axis(
     rounding: str = "even",
     seed: int = 0,
     flush_subnormals: bool = False,
+    hint: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantize along the last axis: returns (packed element codes, E8M0 scale codes), uint8.
 
@@ -371,7 +380,7 @@ def quantize_last_axis(
     n_blocks = ceil(n / block_size).
     """
     fmt = get_format(elem_format)
-    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding)
+    scaled, scales, amax = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
     # A NaN/Inf block decodes to NaN through its 0xFF scale; its element codes are zero. The test
     # is on amax, not on the scale code (the same blocks): where Inductor inlined the scale-code
     # test into the packing loop, re-deriving it per element cost 1.5-2x the whole kernel.
@@ -384,14 +393,15 @@ def quantize_last_axis(
 
 
 def dequantize_last_axis(
-    codes: Tensor, scales: Tensor, elem_format: str, block_size: int, n: int, dtype: torch.dtype
+    codes: Tensor, scales: Tensor, elem_format: str, block_size: int, n: int, dtype: torch.dtype,
+    hint: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Inverse of `quantize_last_axis`: the first `n` values along the last axis, in `dtype`."""
     fmt = get_format(elem_format)
     n_blocks = scales.shape[-1]
     values = decode_elements(unpack_codes(codes, fmt), fmt)[..., : n_blocks * block_size]
     values = values.reshape(*values.shape[:-1], n_blocks, block_size)
-    out = values * decode_scales(scales).unsqueeze(-1)  # X * P_i, exact in fp32
+    out = values * _per_block(decode_scales(scales), hint).unsqueeze(-1)  # X * P_i, exact in fp32
     # contiguous: a sliced (padded) weight would send F.linear down another GEMM path
     return out.reshape(*out.shape[:-2], n_blocks * block_size)[..., :n].to(dtype).contiguous()
 
@@ -404,13 +414,17 @@ def fake_quantize_last_axis(
     rounding: str = "even",
     seed: int = 0,
     flush_subnormals: bool = False,
+    hint: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Quantize then dequantize along the last axis, returning x's dtype.
 
     Skips packing (a bijection) so that Inductor emits one simple fused kernel.
     """
     fmt = get_format(elem_format)
-    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding)
-    out = round_elements(scaled, fmt, rounding, seed) * decode_scales(scales)
+    scaled, scales, _ = _scaled_blocks(x, fmt, block_size, scale_mode, flush_subnormals, rounding, hint)
+    scale = _per_block(decode_scales(scales), hint)
+    # A NaN block is the scale's NaN, bit for bit: a NaN element times the NaN scale would give
+    # either NaN operand's payload and sign, as the compiler orders the multiply (§6.3: NaN scale).
+    out = torch.where(torch.isnan(scale), scale, round_elements(scaled, fmt, rounding, seed) * scale)
     out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
     return out[..., : x.shape[-1]].to(x.dtype)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
+from mxfx.attention import attention_reference
 from mxfx.formats import get_format
 from mxfx.numerics import (
     dequantize_last_axis,
@@ -24,9 +25,9 @@ from mxfx.numerics import (
 )
 
 
-def _quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+def _quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals, hint=None):
     codes, scales = quantize_last_axis(
-        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals
+        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals, hint
     )
     return codes.contiguous(), scales.contiguous()
 
@@ -66,9 +67,9 @@ def _moved_shape(shape, axis):
     return moved, n
 
 
-def _dequantize_impl(codes, scales, elem_format, block_size, axis, shape, dtype):
+def _dequantize_impl(codes, scales, elem_format, block_size, axis, shape, dtype, hint=None):
     _, n = _moved_shape(shape, axis)
-    out = dequantize_last_axis(codes, scales, elem_format, block_size, n, dtype)
+    out = dequantize_last_axis(codes, scales, elem_format, block_size, n, dtype, hint)
     return out.movedim(-1, axis % len(shape)).contiguous()
 
 
@@ -91,9 +92,9 @@ def _(codes, scales, elem_format, block_size, axis, shape, dtype):
     return codes.new_empty(shape, dtype=dtype)
 
 
-def _fake_quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+def _fake_quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals, hint=None):
     out = fake_quantize_last_axis(
-        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals
+        x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals, hint
     )
     return out.movedim(-1, axis).contiguous()
 
@@ -127,11 +128,12 @@ fake_quantize.register_autograd(_straight_through)
 
 def _linear_impl(
     x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
-    act_format, act_block_size, act_scale_mode, act_rounding,
+    act_format, act_block_size, act_scale_mode, act_rounding, hint=None,
 ):
     if act_format:
-        x = fake_quantize_last_axis(x, act_format, act_block_size, act_scale_mode, act_rounding)
-    weight = dequantize_last_axis(weight_codes, weight_scales, weight_format, weight_block_size, in_features, x.dtype)
+        x = fake_quantize_last_axis(x, act_format, act_block_size, act_scale_mode, act_rounding, hint=hint)
+    weight = dequantize_last_axis(weight_codes, weight_scales, weight_format, weight_block_size, in_features, x.dtype,
+                                  hint)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
@@ -186,9 +188,10 @@ def _linear_backward(ctx, grad):
 linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def _matmul_impl(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):
-    a = dequantize_last_axis(a_codes, a_scales, a_format, a_block_size, k, torch.float32)
-    b = dequantize_last_axis(b_codes, b_scales, b_format, b_block_size, k, torch.float32)
+def _matmul_impl(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype,
+                 hint=None):
+    a = dequantize_last_axis(a_codes, a_scales, a_format, a_block_size, k, torch.float32, hint)
+    b = dequantize_last_axis(b_codes, b_scales, b_format, b_block_size, k, torch.float32, hint)
     return torch.matmul(a, b.transpose(-1, -2)).to(dtype)
 
 
@@ -230,28 +233,38 @@ def _(x):
     return torch.empty_like(x)
 
 
-def _realizing(impl):
-    """`impl` as an Inductor decomposition that first realizes its floating-point inputs.
+def _realizing(impl, inputs: bool = True):
+    """`impl` as an Inductor decomposition that realizes its per-block tensors and, if `inputs`,
+    first its floating-point inputs.
 
     A quantizer reads each block twice (the amax, then the elements): without a realized input,
     Inductor recomputes the producer (GELU's erf, LayerNorm, the residual adds) in both loops,
-    which measured ~40% of a compiled model. `mxfx::realize` is lowered to a buffer
-    (`_compat.register_realize_lowering`) and is never seen in eager or torch.export graphs.
+    which measured ~40% of a compiled model. Likewise, without a realized per-block scale (1/X
+    and X, from the block's amax or its E8M0 code), Inductor inlines the scale arithmetic (some
+    30 ops of bit manipulation) into the loop over the elements, where it is recomputed per
+    element and makes the loop body, whose C++ Inductor generates several times (scalar,
+    vectorised, tail), several times longer: it measured ~70% of the first compile of a
+    fake-quantize. `mxfx::realize` is lowered to a buffer (`_compat.register_realize_lowering`)
+    and is never seen in eager or torch.export graphs; it changes no value (the identity).
     """
 
     def decomposition(*args):
         _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
-        return impl(*(realize(a) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args))
+        if inputs:
+            args = (realize(a) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        return impl(*args, hint=realize)
 
     return decomposition
 
 
 for _op, _impl in (
     (torch.ops.mxfx.quantize.default, _realizing(_quantize_impl)),
-    (torch.ops.mxfx.dequantize.default, _dequantize_impl),
+    (torch.ops.mxfx.dequantize.default, _realizing(_dequantize_impl, inputs=False)),
     (torch.ops.mxfx.fake_quantize.default, _realizing(_fake_quantize_impl)),
     (torch.ops.mxfx.linear.default, _realizing(_linear_impl)),
-    (torch.ops.mxfx.matmul.default, _matmul_impl),
+    (torch.ops.mxfx.matmul.default, _realizing(_matmul_impl, inputs=False)),
+    # Q, K, V and P are realized by `quantize_operand` where they are quantized, and only there.
+    (torch.ops.mxfx.attention.default, _realizing(attention_reference, inputs=False)),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but
@@ -274,3 +287,27 @@ def _source_digest() -> str:
 # A cached kernel must never outlive the math it was built from. This keys every compile in the
 # process, mxfx's or not: torch 2.13 has no per-op key (see the function's docstring).
 _compat.tag_compile_caches(_source_digest())
+
+
+def frozen_weights():
+    """A context for the first call of a `torch.compile`d prepared module that makes its weights
+    compile-time constants: packed weights are dequantized once, at compile time, instead of on
+    every call (Inductor freezing; inference only: the context also disables autograd).
+
+        compiled = torch.compile(prepared)
+        with mxfx.ops.frozen_weights():
+            compiled(x)  # compiles with the weights folded in
+        compiled(x)  # later calls (no_grad) reuse that code
+
+    The folded weight is the dequantized weight bit for bit (the same decomposition, evaluated by
+    the eager kernels at compile time); freezing may also pick a prepacked oneDNN GEMM, whose
+    rounding can differ in the last bit from the plain compiled GEMM. A recompile outside the
+    context (e.g. a new input shape) compiles without freezing. Later changes to the module's
+    tensors are not seen by the frozen code.
+    """
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(_compat.inductor_freezing())
+    return stack

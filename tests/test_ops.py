@@ -181,3 +181,30 @@ def test_property_compiled_equals_eager(shape, data, name, block, dtype, roundin
     packed = torch.compile(lambda t: mxfx.quantize(t, name, **options).codes, fullgraph=True, dynamic=dynamic)(x)
     assert torch.equal(packed, mxfx.quantize(x, name, **options).codes)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_frozen_weights_fold_the_packed_dequantize_bit_exactly(fresh_dynamo):
+    # issue #15: packed weights are dequantized on every call unless the compile freezes them.
+    from mxfx.config import MXSpec, QuantConfig, Rule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 40)).eval()
+    spec = MXSpec("fp6_e3m2")  # packed four codes per three bytes: the longest decode
+    config = QuantConfig((Rule(match=".*", weight=spec, activation=MXSpec("fp8_e4m3"), weight_storage="packed"),))
+    x = torch.randn(5, 64)
+    prepared = mxfx.prepare(model, config, (x,))
+    with torch.no_grad():
+        plain, plain_code = run_and_get_code(torch.compile(prepared), x)
+        torch._dynamo.reset()
+        with mxfx.ops.frozen_weights():
+            assert not torch.is_grad_enabled()
+            frozen, frozen_code = run_and_get_code(torch.compile(prepared), x)
+        again = torch.compile(prepared)(x)  # served by the frozen compile
+    uint8_args = [c.count("dtype=torch.uint8)") for c in (plain_code[0], frozen_code[0])]
+    assert uint8_args[0] >= 4 and uint8_args[1] == 0, uint8_args  # codes and scales are no longer inputs
+    # ... nor any intermediate of their decode: the fold reaches the fp32 weight (no int32/bool constants)
+    assert "dtype=torch.int32)" not in frozen_code[0] and "dtype=torch.bool)" not in frozen_code[0]
+    assert bits_equal(frozen, plain) and bits_equal(again, frozen)
+    # The folded weight is the eager dequantize; with the same GEMM the output is the eager one.
+    assert bits_equal(frozen, prepared(x))

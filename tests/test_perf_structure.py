@@ -81,8 +81,10 @@ def test_hadamard_rotation_runs_inside_the_quantizer_loop(fresh_dynamo):
     plain, plain_code = run_and_get_code(torch.compile(fq, fullgraph=True), x)
     torch._dynamo.reset()
     rotated, code = run_and_get_code(torch.compile(lambda t: fq(torch.ops.mxfx.hadamard(t, 32, -1)), fullgraph=True), x)
-    assert loop_nests(plain_code) == 1
-    assert loop_nests(code) == 1, code[0]
+    # The quantizer's own nests (block maxima, per-block scales, elements): the rotation is computed
+    # inside the first and the last, and adds no nest and no buffer of its own.
+    assert loop_nests(plain_code) == 3
+    assert loop_nests(code) == loop_nests(plain_code), code[0]
     # no more buffers than the plain quantizer (its output and per-block scratch): the rotated
     # activation never goes to memory
     assert code[0].count("empty_strided_cpu(") == plain_code[0].count("empty_strided_cpu(")
@@ -110,3 +112,40 @@ def test_prepared_rotation_adds_no_loop_nest(fresh_dynamo):
         assert "torch.ops.mxfx" not in code[0]
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # GEMM order may differ
     assert nests["hadamard"] <= nests[""], nests
+
+
+@pytest.mark.slow
+def test_isolated_measurements_share_the_model_parameters(monkeypatch):
+    # issue #15: sensitivity's isolated mode prepares one module per measurement from the one
+    # ExportedProgram; those modules must share the model's parameter storage (no deep copy of
+    # the model per measurement). A copy.deepcopy of a module or a Parameter fails it too.
+    import copy
+    import importlib
+
+    from model_zoo import MLP
+
+    sensitivity = importlib.import_module("mxfx.sensitivity")  # (mxfx.sensitivity is also the function)
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    originals = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    prepared_modules = []
+    real_prepare, real_deepcopy = sensitivity.prepare, copy.deepcopy
+
+    def recording_prepare(*args, **kwargs):
+        module = real_prepare(*args, **kwargs)
+        prepared_modules.append(module)
+        return module
+
+    def guarded_deepcopy(value, *args, **kwargs):
+        assert not isinstance(value, (torch.nn.Module, torch.nn.Parameter)), f"deep copy of a {type(value).__name__}"
+        return real_deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "prepare", recording_prepare)
+    monkeypatch.setattr(copy, "deepcopy", guarded_deepcopy)
+    x = torch.randn(4, 64)
+    report = mxfx.sensitivity(model, x, ["fp8_e4m3", "fp4_e2m1"], mode="isolated", progress=None)
+    assert len(report.rows) >= 2 and len(prepared_modules) >= len(report.rows)
+    for module in prepared_modules:
+        floats = [p for p in module.parameters() if p.is_floating_point()]
+        assert floats and all(p.untyped_storage().data_ptr() in originals for p in floats)
