@@ -3,7 +3,7 @@
     python benchmarks/bench_freezing.py [--layers 2] [--batch 8] [--rounds 10] [--threads 1]
 
 bench_model's nanoGPT (d=512, 128 tokens), MXFP8 weights and activations, simulated vs packed
-weight storage, each compiled plainly and under `mxfx.ops.frozen_weights()` (Inductor freezing:
+weight storage, each compiled plainly and under `mxfx.frozen_weights()` (Inductor freezing:
 the weights become constants and the dequantize of packed codes is folded at compile time).
 One process, timed interleaved; `ms` is the minimum over the rounds; ratios are vs the fp32
 model compiled plainly. Also checks that the frozen outputs equal the plain compiled outputs
@@ -49,7 +49,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 fn = torch.compile(module)
                 if frozen:
-                    with mxfx.ops.frozen_weights():
+                    with mxfx.frozen_weights():
                         outputs[label] = fn(*inputs)  # compiles with freezing
                 else:
                     outputs[label] = fn(*inputs)

@@ -19,6 +19,7 @@ from mxfx.errors import (
 from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
+from mxfx.ops import frozen_weights
 from mxfx.prepare import PrepareReport, prepare
 from mxfx.search import Front, SearchResult, search
 from mxfx.sensitivity import SensitivityReport, evaluate, sensitivity
@@ -26,6 +27,7 @@ from mxfx.sites import Site, find_sites
 
 __all__ = [
     "export",
+    "frozen_weights",
     "find_sites",
     "Site",
     "check_nonfinite",

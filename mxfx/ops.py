@@ -295,7 +295,7 @@ def frozen_weights():
     every call (Inductor freezing; inference only: the context also disables autograd).
 
         compiled = torch.compile(prepared)
-        with mxfx.ops.frozen_weights():
+        with mxfx.frozen_weights():
             compiled(x)  # compiles with the weights folded in
         compiled(x)  # later calls (no_grad) reuse that code
 

@@ -197,7 +197,7 @@ def test_frozen_weights_fold_the_packed_dequantize_bit_exactly(fresh_dynamo):
     with torch.no_grad():
         plain, plain_code = run_and_get_code(torch.compile(prepared), x)
         torch._dynamo.reset()
-        with mxfx.ops.frozen_weights():
+        with mxfx.frozen_weights():
             assert not torch.is_grad_enabled()
             frozen, frozen_code = run_and_get_code(torch.compile(prepared), x)
         again = torch.compile(prepared)(x)  # served by the frozen compile
