@@ -149,3 +149,19 @@ def test_isolated_measurements_share_the_model_parameters(monkeypatch):
     for module in prepared_modules:
         floats = [p for p in module.parameters() if p.is_floating_point()]
         assert floats and all(p.untyped_storage().data_ptr() in originals for p in floats)
+
+
+@pytest.mark.slow
+def test_bf16_dequantize_bit_manipulation_stays_16_lanes_wide(fresh_dynamo):
+    # Issue #15: a loop mixing bf16 and fp32 is generated twice as wide (VectorizedN<..., 2>), and
+    # the decode's integer/mask ops in that form ran ~7x slower than in fp32. The decomposition
+    # realizes the fp32 result, so the decode loop is pure fp32 and only the conversion is wide.
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    data = mxfx.quantize(w, "fp8_e4m3")
+
+    def dequantize(codes, scales):
+        return torch.ops.mxfx.dequantize(codes, scales, "fp8_e4m3", 32, -1, [64, 256], torch.bfloat16)
+
+    out, code = run_and_get_code(torch.compile(dequantize, fullgraph=True), data.codes, data.scales)
+    assert "VectorizedN<int32_t,2>" not in code[0] and "VecMask<int32_t,2>" not in code[0]
+    assert bits_equal(out, dequantize(data.codes, data.scales))
