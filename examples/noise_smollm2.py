@@ -16,22 +16,14 @@ import time
 import warnings
 
 import torch
+from recovery_smollm2 import config  # this directory is on sys.path when run as a script
 from tabulate import tabulate
 
 import mxfx
 from mxfx import pretrained
-from mxfx.config import MXSpec, QuantConfig, Rule
 from mxfx.noise import noise_floor
 
 warnings.filterwarnings("ignore")
-
-
-def config(name: str) -> QuantConfig:
-    fmt, *parts = name.split("+")
-    spec = MXSpec(fmt, scale_mode="mse" if "mse" in parts else "floor")
-    return QuantConfig((Rule(match="lm_head", skip=True),
-                        Rule(match=".*", weight=spec, activation=spec,
-                             rotation="hadamard" if "rotation" in parts else "")))
 
 
 def perplexity(windows: torch.Tensor):
@@ -67,7 +59,8 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         start = time.perf_counter()
-        floor = noise_floor(mxfx.prepare(program, config(name)), [(windows,)], measure, args.noise, sources)
+        fmt, _, variant = name.partition("+")
+        floor = noise_floor(mxfx.prepare(program, config(fmt, variant or "plain")), [(windows,)], measure, args.noise, sources)
         runs = ", ".join(f"{label}: {m['perplexity']:.3f}" for label, m in floor.runs)
         ppl, spread = floor.metrics["perplexity"], floor.spread("perplexity")
         rows.append([name, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}%", f"{spread:.3f}",

@@ -17,26 +17,13 @@ import time
 import warnings
 
 import torch
+from recovery_smollm2 import VARIANTS, config  # this directory is on sys.path when run as a script
 from tabulate import tabulate
 
 import mxfx
 from mxfx import pretrained
-from mxfx.config import MXSpec, QuantConfig, Rule
 
 warnings.filterwarnings("ignore")
-VARIANTS = ["plain", "rotation", "mse", "rotation+mse", "gptq+rotation+mse"]
-
-
-def config(fmt: str, variant: str, weights_only: bool) -> QuantConfig:
-    parts = set(variant.split("+"))
-    if not parts <= {"plain", "rotation", "mse", "gptq"}:
-        raise SystemExit(f"unknown variant {variant!r}: combine rotation, mse and gptq with '+', or plain")
-    spec = MXSpec(fmt, scale_mode="mse" if "mse" in parts else "floor")
-    return QuantConfig((
-        Rule(match=".*", weight=spec, activation=None if weights_only else spec,
-             rotation="hadamard" if "rotation" in parts else "",
-             weight_rounding="gptq" if "gptq" in parts else "nearest"),
-    ))
 
 
 def main() -> None:
@@ -76,7 +63,7 @@ def main() -> None:
         for variant in variants:
             start = time.perf_counter()
             calib = calibration if "gptq" in variant else None
-            prepared = mxfx.prepare(program, config(fmt, variant, weights_only), calibration=calib)
+            prepared = mxfx.prepare(program, config(fmt, variant, weights_only, skip=()), calibration=calib)
             cosine = (pretrained.embed(prepared, tokenizer, held_out) * reference).sum(-1)
             row.append(f"{cosine.mean():.5f}")
             print(f"{row[0]}, {variant}: mean {cosine.mean():.5f}, min {cosine.min():.5f} "

@@ -24,11 +24,15 @@ warnings.filterwarnings("ignore")
 VARIANTS = ["plain", "rotation", "mse", "rotation+mse", "gptq+rotation+mse"]
 
 
-def config(fmt: str, variant: str, weights_only: bool) -> QuantConfig:
+def config(fmt: str, variant: str, weights_only: bool = False, skip: tuple[str, ...] = ("lm_head",)) -> QuantConfig:
+    """Every linear but `skip` in `fmt`, with the recovery techniques named in `variant`
+    ("plain", or rotation / mse / gptq joined by '+'). Shared by the other recovery and noise examples."""
     parts = set(variant.split("+"))
+    if not parts <= {"plain", "rotation", "mse", "gptq"}:
+        raise SystemExit(f"unknown variant {variant!r}: combine rotation, mse and gptq with '+', or plain")
     spec = MXSpec(fmt, scale_mode="mse" if "mse" in parts else "floor")
     return QuantConfig((
-        Rule(match="lm_head", skip=True),
+        *(Rule(match=name, skip=True) for name in skip),
         Rule(match=".*", weight=spec, activation=None if weights_only else spec,
              rotation="hadamard" if "rotation" in parts else "",
              weight_rounding="gptq" if "gptq" in parts else "nearest"),
