@@ -18,6 +18,7 @@ from mxfx.errors import (
 )
 from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
+from mxfx.kernels import fused_kernels
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
 from mxfx.ops import frozen_weights
 from mxfx.prepare import PrepareReport, prepare
@@ -28,6 +29,7 @@ from mxfx.sites import Site, find_sites
 __all__ = [
     "export",
     "frozen_weights",
+    "fused_kernels",
     "find_sites",
     "Site",
     "check_nonfinite",

@@ -179,6 +179,28 @@ def tag_compile_caches(digest: str) -> None:
         torch.compiler.config.cache_key_tag = f"{tag}+{mark}" if tag else mark
 
 
+def cache_key_suffix(suffix: str):
+    """A context that extends `torch.compiler.config.cache_key_tag` (see `tag_compile_caches`) with
+    `suffix`, so that compiles under it never share cache entries with compiles outside it."""
+    tag = torch.compiler.config.cache_key_tag
+    return torch.compiler.config.patch(cache_key_tag=f"{tag}+{suffix}" if tag else suffix)
+
+
+def inductor_runs_python_fallbacks() -> bool:
+    """Whether the Inductor compile being traced now runs its graph from Python and without freezing:
+    a Python custom op can then be left opaque (a fallback kernel called at run time). False for
+    ahead-of-time compilation and the C++ wrapper (no Python at run time), and under freezing
+    (which must see through the ops to fold the weights). Fail-safe: False if unsure."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.virtualized import V
+
+        return not (config.freezing or config.cpp_wrapper or V.aot_compilation)
+    except (ImportError, AttributeError) as error:
+        _log.warning("mxfx: cannot read Inductor's compile mode in this torch (%s); mxfx ops are inlined", error)
+        return False
+
+
 def size_oblivious_export():
     """A context in which torch.export reasons about dynamic sizes size-obliviously: a dimension
     traced at size >= 2 is exported for sizes 0 and 1 too (torch's 0/1 specialization would

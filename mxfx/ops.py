@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mxfx import _compat
+from mxfx import _compat, kernels
 from mxfx.attention import attention_reference
 from mxfx.formats import get_format
 from mxfx.numerics import (
@@ -257,14 +257,30 @@ def _realizing(impl, inputs: bool = True):
     return decomposition
 
 
+def _decomposition(impl, shared, inputs: bool = True):
+    """The Inductor decomposition of an mxfx op: a call of its shared kernel where
+    `kernels.sharing` says so (CPU, Python run time, no freezing), else `impl` inlined (`_realizing`)."""
+    inlined = _realizing(impl, inputs)
+
+    def decomposition(*args):
+        if kernels.sharing(*(a for a in args if isinstance(a, Tensor))):
+            return shared(*args)
+        return inlined(*args)
+
+    return decomposition
+
+
 for _op, _impl in (
-    (torch.ops.mxfx.quantize.default, _realizing(_quantize_impl)),
-    (torch.ops.mxfx.dequantize.default, _realizing(_dequantize_impl, inputs=False)),
-    (torch.ops.mxfx.fake_quantize.default, _realizing(_fake_quantize_impl)),
-    (torch.ops.mxfx.linear.default, _realizing(_linear_impl)),
-    (torch.ops.mxfx.matmul.default, _realizing(_matmul_impl, inputs=False)),
+    (torch.ops.mxfx.quantize.default, _decomposition(_quantize_impl, torch.ops.mxfx.shared_quantize.default)),
+    (torch.ops.mxfx.dequantize.default,
+     _decomposition(_dequantize_impl, torch.ops.mxfx.shared_dequantize.default, inputs=False)),
+    (torch.ops.mxfx.fake_quantize.default,
+     _decomposition(_fake_quantize_impl, torch.ops.mxfx.shared_fake_quantize.default)),
+    (torch.ops.mxfx.linear.default, _decomposition(_linear_impl, kernels.shared_linear)),
+    (torch.ops.mxfx.matmul.default, _decomposition(_matmul_impl, kernels.shared_matmul, inputs=False)),
     # Q, K, V and P are realized by `quantize_operand` where they are quantized, and only there.
-    (torch.ops.mxfx.attention.default, _realizing(attention_reference, inputs=False)),
+    (torch.ops.mxfx.attention.default,
+     _decomposition(attention_reference, torch.ops.mxfx.shared_attention.default, inputs=False)),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but

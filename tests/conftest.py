@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -14,6 +15,24 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def fused_kernels():
+    """Compile with the mxfx ops inlined into the graph's own kernels (for tests that read that code)."""
+    import mxfx
+
+    with mxfx.fused_kernels():
+        yield
+
+
+@pytest.fixture(params=["shared", "fused"])
+def kernel_path(request):
+    """Run a compiled-vs-eager test through both ways mxfx ops compile (see `mxfx.kernels`)."""
+    import mxfx
+
+    with mxfx.fused_kernels() if request.param == "fused" else contextlib.nullcontext():
+        yield request.param
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -93,7 +93,7 @@ def kernel_count(code: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FORMAT_NAMES)
-def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dynamo):
+def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dynamo, kernel_path):
     x = torch.randn(64, 256) * torch.exp(torch.randn(64, 256) * 3)
     x[0, 0], x[1, 40], x[2, :32] = float("nan"), float("inf"), 0.0
     x[3, :32] = 1e-39
@@ -102,6 +102,9 @@ def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dyna
         eager = mxfx.fake_quantize(xd, name)
         compiled, code = run_and_get_code(torch.compile(lambda t: mxfx.fake_quantize(t, name), fullgraph=True), xd)
         assert bits_equal(compiled, eager)
+        if kernel_path == "shared":  # the model's graph calls the shared kernel, itself one fused kernel
+            assert kernel_count(code[0]) == 0 and "torch.ops.mxfx.shared_fake_quantize" in code[0], code[0]
+            code = code[1:]
         assert kernel_count(code[0]) == 1, code[0]
         assert "torch.ops.mxfx" not in code[0]  # decomposed: no call back into the Python kernel
         torch._dynamo.reset()
@@ -109,7 +112,7 @@ def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dyna
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FORMAT_NAMES)
-def test_compiled_quantize_is_bitwise_equal(name, fresh_dynamo):
+def test_compiled_quantize_is_bitwise_equal(name, fresh_dynamo, kernel_path):
     x = torch.randn(32, 200) * 5
     x[0, 0] = float("inf")
     eager = mxfx.quantize(x, name, block_size=32, axis=-1)
@@ -121,7 +124,7 @@ def test_compiled_quantize_is_bitwise_equal(name, fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_compiled_roundings_and_axes_bitwise_equal(fresh_dynamo):
+def test_compiled_roundings_and_axes_bitwise_equal(fresh_dynamo, kernel_path):
     x = torch.randn(3, 48, 40)  # a partial trailing block along the last axis
     for kwargs in (dict(rounding="stochastic", seed=5), dict(rounding="away", axis=1, block_size=16),
                    dict(scale_mode="even", rounding="toward_zero", axis=0, block_size=3)):
@@ -132,7 +135,7 @@ def test_compiled_roundings_and_axes_bitwise_equal(fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_compiled_linear_and_matmul_match_eager(fresh_dynamo):
+def test_compiled_linear_and_matmul_match_eager(fresh_dynamo, fused_kernels):
     x, w, b = torch.randn(4, 10, 96), torch.randn(48, 96), torch.randn(48)
     wq = mxfx.quantize(w, "fp6_e3m2")
     eager = mxfx.linear(x, wq, b, activation_format="fp8_e4m3")
@@ -154,7 +157,7 @@ def test_fake_quantize_straight_through_gradient():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(3, 48, 40), (3, 4, 40), (1, 48, 40), (3, 48, 36), (3, 200), (5, 7)])
-def test_compiled_partial_blocks_bitwise_equal(shape, fresh_dynamo):
+def test_compiled_partial_blocks_bitwise_equal(shape, fresh_dynamo, kernel_path):
     x = torch.randn(shape)
     for rounding in ("even", "stochastic"):
         eager = mxfx.fake_quantize(x, "fp6_e2m3", rounding=rounding, seed=3)

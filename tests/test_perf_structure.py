@@ -9,6 +9,10 @@ import mxfx
 from mxfx._compat import run_and_get_code
 from mxfx.config import MXSpec, QuantConfig, Rule
 
+# These tests read the code of the inlined path (`mxfx.fused_kernels`); test_kernels.py covers the
+# shared kernels that are the CPU default.
+pytestmark = pytest.mark.usefixtures("fused_kernels")
+
 
 def erf_count(code: list[str]) -> int:
     """GELU's erf evaluations in generated CPU code (vectorised and scalar spellings)."""

@@ -1,0 +1,238 @@
+"""Shared kernels: under `torch.compile`, the mxfx ops of a model run kernels compiled once per
+kind of site, not once per site (issue #15, first-compile time).
+
+Inlined into the model's graph (the Inductor decompositions of `mxfx.ops`), every quantized site
+is its own generated kernel: Inductor's Python codegen costs some 0.3-0.7 s per fake-quantize and
+~3 s per quantized attention on a 2-core CPU, so a 30-layer model's first compile took 4-6x the
+fp32 model's. Layers repeat the same shapes, so here, on CPU, each mxfx op is lowered instead to an
+opaque call (`mxfx::shared_*`, a fallback kernel for Inductor) of one kernel per op and static
+arguments, compiled on its first call and reused by every site and every layer:
+
+- quantizers (fake_quantize, quantize, dequantize) see their tensor as 2-D (rows, n) with the
+  block axis last and the row count symbolic (`torch._dynamo.mark_dynamic`), so every activation
+  and every weight of the same width and format shares one kernel;
+- attention is compiled for static shapes (its layers share them; a symbolic-shape attention
+  kernel measured 4x slower to compile);
+- linear and matmul become shared quantizers around the ATen GEMM, as they are inlined.
+
+The kernels trace the same reference math as eager (`mxfx.numerics`, `mxfx.attention`) with the
+same realize hints, so eager == compiled stays bit for bit (the test suite checks both paths).
+What a site loses: fusion with its neighbours (a quantizer's input is realized either way; see
+`mxfx.ops._realizing`) and ~10-20 us of dispatch per call. `fused_kernels()` compiles with the
+inlined decompositions instead (on other devices they are the only path: per-call dispatch is
+too dear next to a GPU kernel); so do Inductor freezing (`mxfx.frozen_weights`, which must see
+the weight dequantize to fold it) and ahead-of-time compilation (no Python at run time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import types
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mxfx import _compat
+from mxfx.attention import _sdpa_layout, attention_reference
+from mxfx.errors import MXFXError
+from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, quantize_last_axis
+
+_FUSED = contextvars.ContextVar("mxfx_fused_kernels", default=False)
+_KERNELS: dict[tuple, Callable] = {}
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def fused_kernels():
+    """A context in which `torch.compile` inlines each mxfx op into the model's own kernels
+    (one generated kernel per site, fused with its neighbours) instead of calling kernels shared
+    by sites. It must be active at the compiling (first) call:
+
+        compiled = torch.compile(prepared)
+        with mxfx.fused_kernels():
+            compiled(x)
+
+    The choice enters torch.compile's cache keys, so a warm cache never hands one back for the other.
+    """
+    token = _FUSED.set(True)
+    try:
+        with _compat.cache_key_suffix("fused"):
+            yield
+    finally:
+        _FUSED.reset(token)
+
+
+def sharing(*tensors: Tensor | None) -> bool:
+    """Whether an mxfx op on `tensors`, traced now for Inductor, becomes a shared-kernel call."""
+    return (not _FUSED.get() and _compat.inductor_runs_python_fallbacks()
+            and all(t is None or t.device.type == "cpu" for t in tensors))
+
+
+def compiled_kernels() -> list[str]:
+    """The shared kernels this process has built, one line each: op, static arguments, operands
+    (dtype and width; `rows` where the row count is symbolic, else the full shape)."""
+
+    def operand(kind):
+        if kind is None:
+            return "None"
+        dtype, device, width, static = kind
+        shape = "x".join(map(str, static[0])) if static else "x".join(["rows", *map(str, width)])
+        return f"{str(dtype).removeprefix('torch.')}[{shape}]@{device}"
+
+    return [f"{name.strip('_')}{static} on {', '.join(map(operand, kinds))}" for name, static, kinds in _KERNELS]
+
+
+def _realize(x: Tensor) -> Tensor:
+    return torch.ops.mxfx.realize(x)
+
+
+def _fake_quantize_2d(x, elem_format, block_size, scale_mode, rounding, seed, flush_subnormals):
+    return fake_quantize_last_axis(_realize(x), elem_format, block_size, scale_mode, rounding, seed,
+                                   flush_subnormals, hint=_realize)
+
+
+def _quantize_2d(x, elem_format, block_size, scale_mode, rounding, seed, flush_subnormals):
+    return quantize_last_axis(_realize(x), elem_format, block_size, scale_mode, rounding, seed, flush_subnormals,
+                              hint=_realize)
+
+
+def _dequantize_2d(codes, scales, elem_format, block_size, n, dtype):
+    return dequantize_last_axis(codes, scales, elem_format, block_size, n, dtype, hint=_realize)
+
+
+def _attention(query, key, value, attn_mask, *static):
+    return attention_reference(query, key, value, attn_mask, *static, hint=_realize)
+
+
+def _compiled(math: Callable, static: tuple, dynamic_rows: bool) -> Callable:
+    """`math(*tensors, *static)` compiled, as a function of its tensors.
+
+    Each kernel gets a code object of its own: Dynamo caches compiled code per code object, with a
+    recompile limit (8) after which it runs the frame eagerly, so kernels sharing one code object
+    would silently stop compiling after the eighth.
+    """
+
+    def kernel(*tensors):
+        return math(*tensors, *static)
+
+    code = kernel.__code__.replace(co_name=f"mxfx_{math.__name__.strip('_')}_{len(_KERNELS)}")
+    fresh = types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
+
+    def run(*tensors):
+        if dynamic_rows:
+            torch._dynamo.mark_dynamic(tensors[0], 0)
+            for t in tensors[1:]:
+                torch._dynamo.mark_dynamic(t, 0)
+        return compiled(*tensors)
+
+    return run
+
+
+def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -> Tensor:
+    """Run `math` on `tensors` through the shared kernel for (math, static, the tensors' kinds)."""
+    if torch.compiler.is_compiling():  # traced, not run: the reference math itself
+        return math(*tensors, *static)
+    dynamic_rows = math is not _attention and tensors[0].shape[0] >= 2  # Dynamo specializes sizes 0 and 1
+    kinds = tuple(None if t is None else (t.dtype, t.device, tuple(t.shape[1:]),
+                                          None if dynamic_rows else (tuple(t.shape), t.stride())) for t in tensors)
+    key = (math.__name__, static, kinds)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
+        with _LOCK:
+            kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, dynamic_rows))
+    try:
+        return kernel(*tensors)
+    except Exception as error:  # a compile failure: say which kernel and what to try
+        raise MXFXError(f"compiling the shared mxfx kernel {math.__name__.strip('_')}{static} failed: "
+                        f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
+
+
+def _rows(x: Tensor, axis: int) -> tuple[Tensor, torch.Size]:
+    """x with `axis` moved last, as (rows, n), and the moved shape."""
+    moved = x.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1]), moved.shape
+
+
+@torch.library.custom_op("mxfx::shared_fake_quantize", mutates_args=())
+def shared_fake_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
+                         seed: int, flush_subnormals: bool) -> Tensor:
+    """`mxfx::fake_quantize` through a shared kernel (see the module docstring)."""
+    rows, moved = _rows(x, axis)
+    out = _kernel(_fake_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals), (rows,))
+    return out.reshape(moved).movedim(-1, axis).contiguous()
+
+
+@shared_fake_quantize.register_fake
+def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mxfx::shared_quantize", mutates_args=())
+def shared_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
+                    seed: int, flush_subnormals: bool) -> tuple[Tensor, Tensor]:
+    """`mxfx::quantize` through a shared kernel."""
+    rows, moved = _rows(x, axis)
+    codes, scales = _kernel(_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals),
+                            (rows,))
+    return codes.reshape(*moved[:-1], codes.shape[-1]), scales.reshape(*moved[:-1], scales.shape[-1])
+
+
+@shared_quantize.register_fake
+def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
+    return torch.ops.mxfx.quantize.default(x, elem_format, block_size, axis, scale_mode, rounding, seed,
+                                           flush_subnormals)
+
+
+@torch.library.custom_op("mxfx::shared_dequantize", mutates_args=())
+def shared_dequantize(codes: Tensor, scales: Tensor, elem_format: str, block_size: int, axis: int, shape: list[int],
+                      dtype: torch.dtype) -> Tensor:
+    """`mxfx::dequantize` through a shared kernel."""
+    moved = list(shape)
+    n = moved.pop(axis)
+    out = _kernel(_dequantize_2d, (elem_format, block_size, n, dtype),
+                  (codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1])))
+    return out.reshape(*moved, n).movedim(-1, axis % len(shape)).contiguous()
+
+
+@shared_dequantize.register_fake
+def _(codes, scales, elem_format, block_size, axis, shape, dtype):
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("mxfx::shared_attention", mutates_args=())
+def shared_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                     scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str,
+                     probs_spec: str) -> Tensor:
+    """`mxfx::attention` through a shared kernel (static shapes)."""
+    static = (is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec)
+    return _sdpa_layout(_kernel(_attention, static, (query, key, value, attn_mask)))
+
+
+@shared_attention.register_fake
+def _(query, key, value, attn_mask, *static):
+    return torch.ops.mxfx.attention.default(query, key, value, attn_mask, *static)
+
+
+def shared_linear(x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
+                  act_format, act_block_size, act_scale_mode, act_rounding):
+    """`mxfx::linear` as shared quantizers around the ATen GEMM (the math of `mxfx.ops._linear_impl`)."""
+    if act_format:
+        x = torch.ops.mxfx.shared_fake_quantize(x, act_format, act_block_size, -1, act_scale_mode, act_rounding, 0,
+                                                False)
+    weight = torch.ops.mxfx.shared_dequantize(weight_codes, weight_scales, weight_format, weight_block_size, -1,
+                                              [*weight_scales.shape[:-1], in_features], x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def shared_matmul(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):
+    """`mxfx::matmul` as shared dequantizers around the ATen matmul (`mxfx.ops._matmul_impl`)."""
+    a = torch.ops.mxfx.shared_dequantize(a_codes, a_scales, a_format, a_block_size, -1, [*a_scales.shape[:-1], k],
+                                         torch.float32)
+    b = torch.ops.mxfx.shared_dequantize(b_codes, b_scales, b_format, b_block_size, -1, [*b_scales.shape[:-1], k],
+                                         torch.float32)
+    return torch.matmul(a, b.transpose(-1, -2)).to(dtype)
