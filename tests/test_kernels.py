@@ -1,0 +1,142 @@
+"""Shared kernels (`mxfx.kernels`, issue #15): under torch.compile on CPU every site of an op and
+width calls one compiled kernel, bit for bit the eager reference and the inlined (fused) path."""
+
+import logging
+import re
+
+import pytest
+import torch
+from conftest import bits_equal
+from model_zoo import NanoGPT
+
+import mxfx
+from mxfx import kernels
+from mxfx._compat import run_and_get_code
+from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+
+
+def shared_calls(source: str) -> int:
+    return len(re.findall(r"torch\.ops\.mxfx\.shared_\w+\.default\(", source))
+
+
+def new_kernels(before: list[str]) -> list[str]:
+    return [k for k in kernels.compiled_kernels() if k not in before]
+
+
+@pytest.mark.slow
+def test_layers_share_kernels_so_their_number_does_not_grow_with_depth(fresh_dynamo):
+    spec = MXSpec("fp6_e2m3")  # a format no other test compiles, so this test's kernels are its own
+    config = QuantConfig((Rule(match="lm_head", skip=True),
+                          Rule(match=".*", weight=spec, activation=spec, attention=AttentionSpec(spec, spec, spec, spec)),))
+    built, calls = {}, {}
+    for layers in (1, 3):
+        torch.manual_seed(0)
+        model = NanoGPT(vocab=64, d=64, n_layer=layers, n_head=2, block_size=32).eval()
+        ids = torch.randint(0, 64, (2, 32))
+        prepared = mxfx.prepare(model, config, (ids,))
+        before = kernels.compiled_kernels()
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(prepared), ids)
+            torch.testing.assert_close(out, prepared(ids), rtol=1e-4, atol=1e-4)
+        built[layers] = new_kernels(before) if layers == 1 else [k for k in kernels.compiled_kernels() if k in built[1]]
+        calls[layers] = shared_calls(code[0])
+        torch._dynamo.reset()
+    # 4 linears per layer (activation fake-quantize and packed-weight dequantize each) + 1 attention
+    assert calls[1] == 9 and calls[3] == 27, calls
+    # a fake-quantize and a dequantize kernel per width (64, and 256: the MLP's wide input), one attention
+    assert len(built[1]) == 5, built[1]
+    assert any("attention" in k for k in built[1]) and all("rows" in k for k in built[1] if "attention" not in k)
+    assert len(new_kernels(before)) == 0  # the 3-layer model compiled no kernel of its own
+
+
+@pytest.mark.slow
+def test_one_kernel_serves_every_row_count(fresh_dynamo):
+    before = kernels.compiled_kernels()
+
+    def fq(t):
+        return torch.ops.mxfx.fake_quantize(t, "fp4_e2m1", 32, -1, "floor", "away", 0, False)
+
+    for shape in ((8, 96), (24, 96), (3, 5, 96), (2, 96)):
+        x = torch.randn(shape) * 4
+        assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x)), shape
+        torch._dynamo.reset()  # a fresh compile of the caller every time: only the kernel is shared
+    assert len(new_kernels(before)) == 1, new_kernels(before)
+    x = torch.randn(1, 96)  # one row: Dynamo specializes size 1, so a kernel of its own
+    assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x))
+    assert len(new_kernels(before)) == 2
+
+
+@pytest.mark.slow
+def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, 80, dtype=torch.bfloat16)  # a partial block; bf16 in and out
+    w = mxfx.quantize(torch.randn(48, 80), "fp6_e3m2")
+    q, k, v = (torch.randn(2, 4, 40, 32) for _ in range(3))
+    mask = torch.randn(40, 40) > -1.0
+    spec = "fp8_e4m3/32/floor/even"
+
+    def ops(x, q, k, v):
+        return (
+            torch.ops.mxfx.fake_quantize(x, "fp8_e5m2", 32, 1, "even", "stochastic", 7, False),
+            *torch.ops.mxfx.quantize(x, "int8", 16, -1, "rceil", "even", 0, True),
+            torch.ops.mxfx.dequantize(w.codes, w.scales, "fp6_e3m2", 32, -1, [48, 80], torch.bfloat16),
+            torch.ops.mxfx.linear(x.float(), w.codes, w.scales, None, "fp6_e3m2", 32, 80, "fp4_e2m1", 32, "floor", "even"),
+            torch.ops.mxfx.attention(q, k, v, mask, False, None, False, spec, spec, spec, spec),
+        )
+
+    eager = ops(x, q, k, v)
+    shared, code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
+    assert shared_calls(code[0]) == 6, code[0]
+    torch._dynamo.reset()
+    with mxfx.fused_kernels():
+        fused, fused_code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
+    assert "torch.ops.mxfx" not in fused_code[0]
+    for i, (a, b, c) in enumerate(zip(eager, shared, fused)):
+        assert bits_equal(b, c), i  # the two compiled paths trace the same math
+        if i < 4:  # quantizers: exact to eager; the GEMM and softmax may round differently from ATen
+            assert bits_equal(a, b), i
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # the attention output keeps SDPA's layout (the fake impl's strides) through the shared call
+    assert shared[5].stride() == eager[5].stride()
+
+
+@pytest.mark.slow
+def test_kernels_beyond_dynamos_recompile_limit_still_compile(fresh_dynamo, caplog):
+    # Dynamo stops compiling a code object after 8 recompiles and runs it eagerly, silently but for
+    # a log line: each kernel has a code object of its own, so the tenth seed still compiles.
+    x = torch.randn(4, 32)
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for seed in range(10):
+            def fq(t, seed=seed):
+                return torch.ops.mxfx.fake_quantize(t, "fp8_e4m3", 32, -1, "floor", "stochastic", seed, False)
+
+            assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x))
+    assert not [r for r in caplog.records if "recompile" in r.getMessage()], caplog.text
+
+
+def test_fused_kernels_inlines_the_ops_and_keys_the_caches_apart(fresh_dynamo):
+    x = torch.randn(4, 64)
+
+    def fq(t):
+        return torch.ops.mxfx.fake_quantize(t, "fp8_e4m3", 32, -1, "floor", "even", 0, False)
+
+    tag = torch.compiler.config.cache_key_tag
+    with mxfx.fused_kernels():
+        assert torch.compiler.config.cache_key_tag.startswith(tag) and torch.compiler.config.cache_key_tag != tag
+        out, code = run_and_get_code(torch.compile(fq, fullgraph=True), x)
+    assert torch.compiler.config.cache_key_tag == tag
+    assert "torch.ops.mxfx" not in code[0] and bits_equal(out, fq(x))
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fq, fullgraph=True), x)
+    assert "torch.ops.mxfx.shared_fake_quantize" in code[0] and bits_equal(out, fq(x))
+
+
+def test_a_failing_kernel_compile_names_the_kernel_and_the_way_out(fresh_dynamo, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    with pytest.raises(mxfx.MXFXError, match=r"fake_quantize_2d.*no C\+\+ compiler.*mxfx.fused_kernels"):
+        torch.ops.mxfx.shared_fake_quantize(torch.randn(4, 32), "fp8_e4m3", 32, -1, "floor", "even", 0, False)
