@@ -12,11 +12,15 @@ All variants of a model are compiled first (`compile s`: the first call of `torc
 Inductor cache: the script runs with a fresh `TORCHINDUCTOR_CACHE_DIR`), then timed interleaved
 (A, B, C, A, B, C, ...) for `--rounds` rounds; `ms` is the minimum, so that the ratios of one
 table are side by side on a noisy machine. Ratios are vs the fp model of the same mode and dtype.
+The variants of a model share one process and one cache, so a kernel compiled for an earlier
+variant (an mxfx shared kernel: `mxfx.kernels`) is reused by a later one and its `compile s` is
+partly warm: cold per-variant compile times come from `profile_compile.py` (one process each).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -109,6 +113,7 @@ def run_model(name: str, dtype_name: str, args) -> list[list]:
     model = model.to(dtype)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     fp_bytes = sum(model.get_parameter(n).nbytes for n in names)
+    attention = linear_config("fp8_e4m3", "fp8_e4m3", "packed", attention=True)
     variants = [  # (label, config or None for the fp model, compiled?)
         (f"{dtype_name} eager", None, False),
         (f"{dtype_name} compiled", None, True),
@@ -116,7 +121,9 @@ def run_model(name: str, dtype_name: str, args) -> list[list]:
         ("MXFP8 W+A simulated, compiled", linear_config("fp8_e4m3", "fp8_e4m3", "simulated"), True),
         ("MXFP8 W+A packed, compiled", linear_config("fp8_e4m3", "fp8_e4m3", "packed"), True),
         ("MXFP4 W packed, compiled", linear_config("fp4_e2m1", None, "packed"), True),
-        ("MXFP8 W+A + attention, packed, compiled", linear_config("fp8_e4m3", "fp8_e4m3", "packed", attention=True), True),
+        ("MXFP8 W+A + attention, packed, compiled", attention, True),
+        # the same compiled inside mxfx.fused_kernels(): every site inlined, no shared kernels
+        ("MXFP8 W+A + attention, packed, compiled, fused kernels", attention, True),
     ]
     fns, compile_s, nbytes, failed = {}, {}, {}, {}
     program = mxfx.export(model, inputs) if any(cfg is not None for _, cfg, _ in variants) else None
@@ -127,7 +134,8 @@ def run_model(name: str, dtype_name: str, args) -> list[list]:
             if compiled:
                 torch._dynamo.reset()
                 fn = torch.compile(module)
-                compile_s[label] = first_call_s(fn, inputs)
+                with mxfx.fused_kernels() if label.endswith("fused kernels") else contextlib.nullcontext():
+                    compile_s[label] = first_call_s(fn, inputs)
             else:
                 fn = module
             fns[label] = fn

@@ -286,6 +286,8 @@ for _op, _impl in (
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but
 # fail-safe; only on torch 2.13/2.14; MXFX_INDUCTOR_LOOP_SPLIT_GUARD=0 turns it off.
 _compat.guard_inductor_loop_split()
+# Faster Inductor code generation (pytorch/pytorch#192820, backported; changes no result).
+_compat.backport_dtype_propagation_init()
 
 
 def _source_digest() -> str:

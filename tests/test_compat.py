@@ -105,3 +105,20 @@ def test_compile_caches_are_keyed_on_the_mx_sources():
         mxfx._compat.tag_compile_caches(digest)  # idempotent
         assert torch.compiler.config.cache_key_tag == f"users-own-tag+mxfx-{digest}"
     assert f"mxfx-{digest}" in torch.compiler.config.cache_key_tag.split("+")
+
+
+def test_dtype_propagation_backport_skips_rebuilds_but_sees_new_rules(monkeypatch):
+    from torch._inductor import utils
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
+
+    assert _compat.backport_dtype_propagation_init()  # installed at import; idempotent
+    handler = DtypePropagationOpsHandler()
+    sentinel = object()
+    monkeypatch.setattr(handler, "add", sentinel)
+    assert DtypePropagationOpsHandler() is handler and handler.add is sentinel  # not rebuilt: rules unchanged
+    rule = next(iter(utils.op_dtype_propagation_rules.values()))
+    monkeypatch.setitem(utils.op_dtype_propagation_rules, "mxfx_late_rule", rule)
+    DtypePropagationOpsHandler()
+    assert hasattr(handler, "mxfx_late_rule") and handler.add is not sentinel  # a late rule: rebuilt
+    monkeypatch.undo()
+    DtypePropagationOpsHandler()  # rebuilt without the test's rule
