@@ -11,17 +11,14 @@ arguments, compiled on its first call and reused by every site and every layer:
 - quantizers (fake_quantize, quantize, dequantize) see their tensor as 2-D (rows, n) with the
   block axis last and the row count symbolic (`torch._dynamo.mark_dynamic`), so every activation
   and every weight of the same width and format shares one kernel;
-- linear, matmul and attention become shared quantizers around the ATen GEMMs (and, for attention,
-  the mask and softmax, which Inductor inlines as usual): attention's Q and K are blocked along
-  head_dim, P and V along the key axis, so its quantizers share the kernels of those widths.
-  (One kernel for the whole attention, compiled per shape, cost ~5 s to compile.)
+- attention is compiled for static shapes (its layers share them; a symbolic-shape attention
+  kernel measured 4x slower to compile);
+- linear and matmul become shared quantizers around the ATen GEMM, as they are inlined.
 
 The kernels trace the same reference math as eager (`mxfx.numerics`, `mxfx.attention`) with the
 same realize hints, so eager == compiled stays bit for bit (the test suite checks both paths).
 What a site loses: fusion with its neighbours (a quantizer's input is realized either way; see
-`mxfx.ops._realizing`) and ~60-120 us of dispatch per call on a 2-core CPU (the Python custom op and
-Dynamo's guard check: a 512x512 fake-quantize, 2 threads, 241 us called directly vs 121 us inlined),
-~1-2% of a transformer layer at a few hundred tokens, more when a call carries only a few tokens. `fused_kernels()` compiles with the
+`mxfx.ops._realizing`) and ~10-20 us of dispatch per call. `fused_kernels()` compiles with the
 inlined decompositions instead (on other devices they are the only path: per-call dispatch is
 too dear next to a GPU kernel); so do Inductor freezing (`mxfx.frozen_weights`, which must see
 the weight dequantize to fold it) and ahead-of-time compilation (no Python at run time).
@@ -39,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
-from mxfx.attention import attention_reference
+from mxfx.attention import _sdpa_layout, attention_reference
 from mxfx.errors import MXFXError
 from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, quantize_last_axis
 
@@ -106,6 +103,10 @@ def _dequantize_2d(codes, scales, elem_format, block_size, n, dtype):
     return dequantize_last_axis(codes, scales, elem_format, block_size, n, dtype, hint=_realize)
 
 
+def _attention(query, key, value, attn_mask, *static):
+    return attention_reference(query, key, value, attn_mask, *static, hint=_realize)
+
+
 def _compiled(math: Callable, static: tuple, dynamic_rows: bool) -> Callable:
     """`math(*tensors, *static)` compiled, as a function of its tensors.
 
@@ -135,7 +136,7 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
     """Run `math` on `tensors` through the shared kernel for (math, static, the tensors' kinds)."""
     if torch.compiler.is_compiling():  # traced, not run: the reference math itself
         return math(*tensors, *static)
-    dynamic_rows = tensors[0].shape[0] >= 2  # Dynamo specializes sizes 0 and 1
+    dynamic_rows = math is not _attention and tensors[0].shape[0] >= 2  # Dynamo specializes sizes 0 and 1
     kinds = tuple(None if t is None else (t.dtype, t.device, tuple(t.shape[1:]),
                                           None if dynamic_rows else (tuple(t.shape), t.stride())) for t in tensors)
     key = (math.__name__, static, kinds)
@@ -146,8 +147,8 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
             kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, dynamic_rows))
     try:
         return kernel(*tensors)
-    except Exception as error:  # say which kernel and what to try
-        raise MXFXError(f"the shared mxfx kernel {math.__name__.strip('_')}{static} failed (compiled on first use): "
+    except Exception as error:  # a compile failure: say which kernel and what to try
+        raise MXFXError(f"compiling the shared mxfx kernel {math.__name__.strip('_')}{static} failed: "
                         f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
 
 
@@ -203,6 +204,20 @@ def _(codes, scales, elem_format, block_size, axis, shape, dtype):
     return codes.new_empty(shape, dtype=dtype)
 
 
+@torch.library.custom_op("mxfx::shared_attention", mutates_args=())
+def shared_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                     scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str,
+                     probs_spec: str) -> Tensor:
+    """`mxfx::attention` through a shared kernel (static shapes)."""
+    static = (is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec)
+    return _sdpa_layout(_kernel(_attention, static, (query, key, value, attn_mask)))
+
+
+@shared_attention.register_fake
+def _(query, key, value, attn_mask, *static):
+    return torch.ops.mxfx.attention.default(query, key, value, attn_mask, *static)
+
+
 def shared_linear(x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
                   act_format, act_block_size, act_scale_mode, act_rounding):
     """`mxfx::linear` as shared quantizers around the ATen GEMM (the math of `mxfx.ops._linear_impl`)."""
@@ -221,15 +236,3 @@ def shared_matmul(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, 
     b = torch.ops.mxfx.shared_dequantize(b_codes, b_scales, b_format, b_block_size, -1, [*b_scales.shape[:-1], k],
                                          torch.float32)
     return torch.matmul(a, b.transpose(-1, -2)).to(dtype)
-
-
-def _shared_operand(x, elem_format, block_size, scale_mode, rounding):
-    return torch.ops.mxfx.shared_fake_quantize(x, elem_format, block_size, -1, scale_mode, rounding, 0, False)
-
-
-def shared_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec, value_spec,
-                     probs_spec):
-    """`mxfx::attention` with its four operand quantizers as shared kernels; the rest (the two
-    ATen matmuls, the mask, the softmax) stays in the model's graph, as inlined."""
-    return attention_reference(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec,
-                               value_spec, probs_spec, quantizer=_shared_operand)

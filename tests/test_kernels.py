@@ -41,13 +41,11 @@ def test_layers_share_kernels_so_their_number_does_not_grow_with_depth(fresh_dyn
         built[layers] = new_kernels(before) if layers == 1 else [k for k in kernels.compiled_kernels() if k in built[1]]
         calls[layers] = shared_calls(code[0])
         torch._dynamo.reset()
-    # per layer: 4 linears (activation fake-quantize and packed-weight dequantize each) and attention's
-    # 4 operand quantizers
-    assert calls[1] == 12 and calls[3] == 36, calls
-    # a fake-quantize and a dequantize kernel per linear width (64, and 256: the MLP's wide input),
-    # and one fake-quantize of width 32, shared by Q and K (head_dim) and P and V (32 keys)
+    # 4 linears per layer (activation fake-quantize and packed-weight dequantize each) + 1 attention
+    assert calls[1] == 9 and calls[3] == 27, calls
+    # a fake-quantize and a dequantize kernel per width (64, and 256: the MLP's wide input), one attention
     assert len(built[1]) == 5, built[1]
-    assert all("rows" in k for k in built[1]) and sum("fake_quantize" in k and "x32]" in k for k in built[1]) == 1
+    assert any("attention" in k for k in built[1]) and all("rows" in k for k in built[1] if "attention" not in k)
     assert len(new_kernels(before)) == 0  # the 3-layer model compiled no kernel of its own
 
 
@@ -88,16 +86,13 @@ def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
 
     eager = ops(x, q, k, v)
     shared, code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
-    assert shared_calls(code[0]) == 9, code[0]  # linear: 2 calls, attention: 4
+    assert shared_calls(code[0]) == 6, code[0]
     torch._dynamo.reset()
     with mxfx.fused_kernels():
         fused, fused_code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
     assert "torch.ops.mxfx" not in fused_code[0]
     for i, (a, b, c) in enumerate(zip(eager, shared, fused)):
-        if i < 5:  # the two compiled paths trace the same math
-            assert bits_equal(b, c), i
-        else:  # ... but Inductor may fuse the softmax differently with its quantizer inlined
-            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+        assert bits_equal(b, c), i  # the two compiled paths trace the same math
         if i < 4:  # quantizers: exact to eager; the GEMM and softmax may round differently from ATen
             assert bits_equal(a, b), i
         else:
