@@ -18,8 +18,8 @@ from mxfx.errors import (
 )
 from mxfx.export import export
 from mxfx.formats import FORMATS, ElementFormat, format_table, get_format
-from mxfx.kernels import fused_kernels
 from mxfx.inspect import Summary, draw, graph_text, load, save, summary
+from mxfx.kernels import fused_kernels
 from mxfx.ops import frozen_weights
 from mxfx.prepare import PrepareReport, prepare
 from mxfx.search import Front, SearchResult, search

@@ -62,10 +62,10 @@ def attention_reference(
             scores = scores + attn_mask.to(torch.float32)
     probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1, hint)
     v = quantize_operand(value, value_spec, -2, hint)
-    return _sdpa_layout(torch.matmul(probs, v).to(query.dtype))
+    return sdpa_layout(torch.matmul(probs, v).to(query.dtype))
 
 
-def _sdpa_layout(out: Tensor) -> Tensor:
+def sdpa_layout(out: Tensor) -> Tensor:
     """`out` with the strides ATen's CPU SDPA gives a 4-D output, (B, L, H, E) in memory, so that
     graphs traced against SDPA (a `transpose(1, 2).view(...)` with no copy) stay valid."""
     if out.dim() != 4:
@@ -94,7 +94,7 @@ def attention(
 
 @attention.register_fake
 def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec):
-    return _sdpa_layout(query.new_empty((*query.shape[:-1], value.shape[-1])))
+    return sdpa_layout(query.new_empty((*query.shape[:-1], value.shape[-1])))
 
 
 # Registered by mxfx.ops, which gives it the realize hint (`_realizing`).

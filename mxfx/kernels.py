@@ -3,7 +3,7 @@ kind of site, not once per site (issue #15, first-compile time).
 
 Inlined into the model's graph (the Inductor decompositions of `mxfx.ops`), every quantized site
 is its own generated kernel: Inductor's Python codegen costs some 0.3-0.7 s per fake-quantize and
-~3 s per quantized attention on a 2-core CPU, so a 30-layer model's first compile took 4-6x the
+~3 s per quantized attention on a 2-core CPU, so a 30-layer model's first compile took ~5x the
 fp32 model's. Layers repeat the same shapes, so here, on CPU, each mxfx op is lowered instead to an
 opaque call (`mxfx::shared_*`, a fallback kernel for Inductor) of one kernel per op and static
 arguments, compiled on its first call and reused by every site and every layer:
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
-from mxfx.attention import _sdpa_layout, attention_reference
+from mxfx.attention import attention_reference, sdpa_layout
 from mxfx.errors import MXFXError
 from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, quantize_last_axis
 
@@ -214,7 +214,7 @@ def shared_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tenso
                      probs_spec: str) -> Tensor:
     """`mxfx::attention` through a shared kernel (static shapes)."""
     static = (is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec)
-    return _sdpa_layout(_kernel(_attention, static, (query, key, value, attn_mask)))
+    return sdpa_layout(_kernel(_attention, static, (query, key, value, attn_mask)))
 
 
 @shared_attention.register_fake

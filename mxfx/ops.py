@@ -297,7 +297,7 @@ def _source_digest() -> str:
 
     package = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("formats.py", "numerics.py", "ops.py", "attention.py", "rotation.py", "_compat.py"):
+    for name in ("formats.py", "numerics.py", "ops.py", "attention.py", "kernels.py", "rotation.py", "_compat.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:16]
 
