@@ -405,6 +405,11 @@ def quantize_last_axis(
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
         codes = torch.nn.functional.pad(codes, (0, group_pad))
+    if packing_group(fmt) > 1 and hint is not None:
+        # Under Inductor, realize the one-byte codes before packing: inlined into the packing loop
+        # (MXFP6 gathers four codes per three bytes), the encode ran ~7x slower (4096x4096 fp32
+        # compiled quantize to MXFP6: 108 ms, 14-17 ms with the codes realized; MXFP4 unchanged).
+        codes = hint(codes)
     return pack_codes(codes, fmt), scales.squeeze(-1)
 
 
