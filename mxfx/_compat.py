@@ -46,6 +46,11 @@ LOOP_SPLIT_GUARD_ENV = "MXFX_INDUCTOR_LOOP_SPLIT_GUARD"
 LOOP_SPLIT_GUARD_VERSIONS = ((2, 13), (2, 14))
 
 
+def _guarded_release(version) -> bool:
+    """Whether a `TorchVersion` is one of `LOOP_SPLIT_GUARD_VERSIONS` (any patch release)."""
+    return any(version >= (major, minor) and version < (major, minor + 1) for major, minor in LOOP_SPLIT_GUARD_VERSIONS)
+
+
 def loop_split_guard_decision(version: str | None = None, environ=None) -> tuple[bool, str]:
     """(install the loop-split guard?, why) for a torch `version` and an environment.
 
@@ -62,8 +67,7 @@ def loop_split_guard_decision(version: str | None = None, environ=None) -> tuple
     if setting in ("0", "false", "off", "no"):
         return False, f"disabled by {LOOP_SPLIT_GUARD_ENV}={environ[LOOP_SPLIT_GUARD_ENV]}"
     parsed = TorchVersion(torch.__version__ if version is None else version)
-    if not any(parsed >= major_minor and parsed < (major_minor[0], major_minor[1] + 1)
-               for major_minor in LOOP_SPLIT_GUARD_VERSIONS):
+    if not _guarded_release(parsed):
         known = ", ".join(f"{a}.{b}" for a, b in LOOP_SPLIT_GUARD_VERSIONS)
         return False, f"torch {parsed} is not one of the releases the guard is for ({known})"
     return True, f"torch {parsed}"
@@ -168,8 +172,7 @@ def backport_dtype_propagation_init() -> bool:
     """
     from torch.torch_version import TorchVersion
 
-    version = TorchVersion(torch.__version__)
-    if not any(version >= (a, b) and version < (a, b + 1) for a, b in LOOP_SPLIT_GUARD_VERSIONS):
+    if not _guarded_release(TorchVersion(torch.__version__)):
         return False
     try:
         from torch._inductor import utils

@@ -151,8 +151,8 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
             kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, dynamic_rows))
     try:
         return kernel(*tensors)
-    except Exception as error:  # a compile failure: say which kernel and what to try
-        raise MXFXError(f"compiling the shared mxfx kernel {math.__name__.strip('_')}{static} failed: "
+    except Exception as error:  # say which kernel and what to try
+        raise MXFXError(f"the shared mxfx kernel {math.__name__.strip('_')}{static} failed (compiled on first use): "
                         f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
 
 
