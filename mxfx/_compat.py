@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -241,6 +242,19 @@ def inductor_runs_python_fallbacks() -> bool:
     except (ImportError, AttributeError) as error:
         _log.warning("mxfx: cannot read Inductor's compile mode in this torch (%s); mxfx ops are inlined", error)
         return False
+
+
+def below_autograd():
+    """A context with autograd's dispatch keys and ADInplaceOrView excluded, as inside a custom op's
+    kernel. Dynamo guards a compiled function on its inputs' dispatch keys as this thread-local
+    state shows them, and an Inductor graph's first run calls its fallback ops in another state
+    than later runs do: without a fixed state, every shared kernel (`mxfx.kernels`) recompiled on
+    the second call of a compiled model. Fail-safe: no change of state if torch lacks the guard."""
+    guard = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
+    if guard is None:
+        _log.warning("mxfx: torch._C._AutoDispatchBelowADInplaceOrView is missing; shared kernels may recompile once")
+        return contextlib.nullcontext()
+    return guard()
 
 
 def size_oblivious_export():

@@ -131,7 +131,8 @@ def _compiled(math: Callable, static: tuple, dynamic_rows: bool) -> Callable:
             torch._dynamo.mark_dynamic(tensors[0], 0)
             for t in tensors[1:]:
                 torch._dynamo.mark_dynamic(t, 0)
-        return compiled(*tensors)
+        with _compat.below_autograd():  # one dispatch state for every call, so Dynamo's guards hold
+            return compiled(*tensors)
 
     return run
 

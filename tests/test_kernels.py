@@ -115,6 +115,28 @@ def test_kernels_beyond_dynamos_recompile_limit_still_compile(fresh_dynamo, capl
     assert not [r for r in caplog.records if "recompile" in r.getMessage()], caplog.text
 
 
+@pytest.mark.slow
+def test_a_compiled_model_compiles_nothing_after_its_first_call(fresh_dynamo):
+    # An Inductor graph's first run calls its fallback ops in another dispatch state than later
+    # runs: without a fixed state (`_compat.below_autograd`) Dynamo's dispatch-key guard failed on
+    # the second call and every shared kernel compiled again (~1 s each).
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = NanoGPT(vocab=64, d=64, n_layer=1, n_head=2, block_size=32).eval()
+    ids = torch.randint(0, 64, (2, 32))
+    spec = MXSpec("fp8_e5m2")
+    config = QuantConfig((Rule(match="lm_head", skip=True), Rule(match=".*", weight=spec, activation=spec),))
+    compiled = torch.compile(mxfx.prepare(model, config, (ids,)))
+    with torch.no_grad():
+        compiled(ids)
+        frames = counters["stats"]["unique_graphs"]
+        assert frames >= 2  # the model, and at least one kernel
+        compiled(ids)
+        compiled(ids)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
 def test_fused_kernels_inlines_the_ops_and_keys_the_caches_apart(fresh_dynamo):
     x = torch.randn(4, 64)
 
