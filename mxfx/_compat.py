@@ -244,6 +244,21 @@ def inductor_runs_python_fallbacks() -> bool:
         return False
 
 
+def size_hint(size) -> int | None:
+    """The value a symbolic size had in the example inputs, or None where torch cannot say
+    (torch 2.13 names this `optimization_hint`; earlier releases `hint_int`)."""
+    from torch.fx.experimental import symbolic_shapes
+
+    for name in ("optimization_hint", "hint_int"):
+        hint = getattr(symbolic_shapes, name, None)
+        if hint is not None:
+            try:
+                return int(hint(size))
+            except Exception:  # an unbacked size has no hint
+                return None
+    return None
+
+
 def below_autograd():
     """A context with autograd's dispatch keys and ADInplaceOrView excluded, as inside a custom op's
     kernel. Dynamo guards a compiled function on its inputs' dispatch keys as this thread-local

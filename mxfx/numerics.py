@@ -110,15 +110,24 @@ _VELTKAMP_ONE_BIT = float(2**23 + 1)
 
 
 def _pow2_floor(a: Tensor) -> Tensor:
-    """2^floor(log2(a)) for normal fp32 a > 0, with float arithmetic only.
+    """2^floor(log2(a)) for normal fp32 a > 0: `_pow2_floor_split` on the CPU (float arithmetic
+    only: Inductor's CPU backend runs bit casts through a scalar loop), `_pow2_floor_bits`
+    elsewhere (Triton contracts the split's `c - (c - a)` into a fused multiply-add, which breaks it)."""
+    return _pow2_floor_split(a) if a.device.type == "cpu" else _pow2_floor_bits(a)
 
-    A Veltkamp split with s = 23 rounds `a` to one significant bit, giving 2^e or 2^(e+1)
+
+def _pow2_floor_split(a: Tensor) -> Tensor:
+    """A Veltkamp split with s = 23 rounds `a` to one significant bit, giving 2^e or 2^(e+1)
     (checked over every fp32 mantissa in the tests); halving the latter gives 2^e. Needs
-    fp-contract off (Inductor's default) so that `c - (c - a)` is not fused.
-    """
+    fp-contract off (Inductor's CPU default) so that `c - (c - a)` is not fused."""
     c = a * _VELTKAMP_ONE_BIT
     one_bit = c - (c - a)
     return torch.where(one_bit > a, one_bit * 0.5, one_bit)
+
+
+def _pow2_floor_bits(a: Tensor) -> Tensor:
+    """The exponent field of `a`'s bits alone (its mantissa masked out)."""
+    return (a.view(torch.int32) & 0x7F800000).view(torch.float32)
 
 
 def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int) -> tuple[Tensor, Tensor | float]:

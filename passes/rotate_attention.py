@@ -19,9 +19,10 @@ import torch
 from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from mxfx.passes.match_attention_sites import PRODUCTS, contraction_axes, product_operands
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from mxfx import _compat
 from mxfx.config import QuantConfig
 from mxfx.sites import ATTENTION, CHECK_FAILED, annotate, site_of
 
@@ -56,7 +57,7 @@ def _qk_operands(gm: fx.GraphModule, node: fx.Node, site) -> tuple[fx.Node, list
 
 def _size_text(size) -> str:
     """A size for a reason text: an int, or a symbolic size with its value in the example inputs."""
-    return str(size) if isinstance(size, int) else f"{size} (dynamic; {optimization_hint(size)} in the example inputs)"
+    return str(size) if isinstance(size, int) else f"{size} (dynamic; {_compat.size_hint(size)} in the example inputs)"
 
 
 def _replace_operands(target: fx.Node, operands: list[fx.Node]) -> None:

@@ -149,14 +149,16 @@ def test_low_precision_inputs_compute_in_fp32(dtype):
     assert bits_equal(got, mxfx.fake_quantize(x.float(), "fp6_e2m3").to(dtype))
 
 
-def test_pow2_floor_every_fp32_mantissa_and_binades():
-    """The Veltkamp one-bit split gives 2^floor(log2 a) for every mantissa (scale-invariant)."""
-    from mxfx.numerics import _pow2_floor
+@pytest.mark.parametrize("way", ["_pow2_floor_split", "_pow2_floor_bits"])
+def test_pow2_floor_every_fp32_mantissa_and_binades(way):
+    """Both ways (the CPU's Veltkamp one-bit split, other devices' bit mask) give 2^floor(log2 a)
+    for every mantissa (scale-invariant)."""
+    from mxfx import numerics
 
     mantissas = torch.arange(2**23, dtype=torch.int32)
-    for exponent in (-126, -20, 0, 1, 15, 100):
+    for exponent in (-126, -20, 0, 1, 15, 100):  # the callers clamp a far below 2^127
         a = ((exponent + 127) << 23 | mantissas).view(torch.float32)
-        assert (_pow2_floor(a) == 2.0**exponent).all(), exponent
+        assert (getattr(numerics, way)(a) == 2.0**exponent).all(), exponent
 
 
 def test_reference_math_rejects_unknown_modes_with_format_error():
