@@ -1,7 +1,7 @@
 """End-to-end latency, first-compile time and weight bytes of transformers under mxfx vs fp32/bf16.
 
     python benchmarks/bench_model.py [--models nanogpt,vit,smollm2] [--dtypes fp32,bf16]
-        [--layers N] [--batch B] [--threads T] [--rounds 5] [--torchao]
+        [--layers N] [--batch B] [--threads T] [--rounds 5] [--torchao] [--device cpu|cuda]
 
 Models (random weights: speed depends on shapes, not values): nanoGPT-style (d=512, 8 heads,
 128 tokens), HF `ViTModel` shaped like ViT-S/16 (d=384, 6 heads, 197 tokens), HF
@@ -80,10 +80,16 @@ def build(name: str, layers: int | None, batch: int):
     return model.eval(), inputs, names
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def first_call_s(fn, inputs) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         fn(*inputs)
+    sync()
     return time.perf_counter() - start
 
 
@@ -94,8 +100,10 @@ def interleaved_min_ms(fns: dict, inputs, rounds: int) -> dict:
             fn(*inputs)  # warm
         for _ in range(rounds):
             for label, fn in fns.items():
+                sync()
                 start = time.perf_counter()
                 fn(*inputs)
+                sync()
                 times[label].append(time.perf_counter() - start)
     return {label: min(t) * 1e3 for label, t in times.items()}
 
@@ -110,8 +118,8 @@ def quantized_bytes(module: torch.nn.Module, fp_names: list[str]) -> int:
 def run_model(name: str, dtype_name: str, args) -> list[list]:
     model, inputs, names = build(name, args.layers, args.batch)
     dtype = DTYPES[dtype_name]
-    model = model.to(dtype)
-    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    model = model.to(args.device, dtype)
+    inputs = tuple((t.to(dtype) if t.is_floating_point() else t).to(args.device) for t in inputs)
     fp_bytes = sum(model.get_parameter(n).nbytes for n in names)
     attention = linear_config("fp8_e4m3", "fp8_e4m3", "packed", attention=True)
     variants = [  # (label, config or None for the fp model, compiled?)
@@ -124,7 +132,7 @@ def run_model(name: str, dtype_name: str, args) -> list[list]:
         ("MXFP8 W+A + attention, packed, compiled", attention, True),
         # the same compiled inside mxfx.fused_kernels(): every site inlined, no shared kernels
         ("MXFP8 W+A + attention, packed, compiled, fused kernels", attention, True),
-    ]
+    ][: None if args.device == "cpu" else -1]  # off the CPU every site is inlined: "fused" is the row above
     fns, compile_s, nbytes, failed = {}, {}, {}, {}
     program = mxfx.export(model, inputs) if any(cfg is not None for _, cfg, _ in variants) else None
     for label, cfg, compiled in variants:
@@ -191,6 +199,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (there torch.compile inlines every site: no shared kernels)")
     parser.add_argument("--torchao", action="store_true", help="add torchao's MX inference config (bf16 only)")
     parser.add_argument("--default-malloc", action="store_true")
     parser.add_argument("--warm-cache", action="store_true", help="keep the user's Inductor cache (compile s is then not cold)")
@@ -203,7 +212,8 @@ def main() -> None:
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
             rows.extend(run_model(name, dtype_name, args))
-    print(f"batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads; min of {args.rounds} interleaved "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"batch {args.batch}; torch {torch.__version__}, {where}; min of {args.rounds} interleaved "
           f"rounds; ratios vs the fp model of the same mode (eager/compiled) and dtype; compile s: first call, "
           f"{'warm' if args.warm_cache else 'cold'} Inductor cache")
     print(tabulate(rows, headers=["model", "dtype", "variant", "ms", "vs fp", "compile s", "compile vs fp", "weight bytes vs fp", "note"],
