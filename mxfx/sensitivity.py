@@ -86,6 +86,7 @@ from mxfx.export import export
 from mxfx.formats import get_format
 from mxfx.metrics import HIGHER_IS_BETTER, METRICS, MetricAccumulator
 from mxfx.noise import WITHIN_FLOOR, check_arguments, noise_floor, significant
+from mxfx.passes.match_attention_sites import PRODUCTS, contraction_axes
 from mxfx.prepare import prepare
 from mxfx.sites import ATTENTION, KINDS, LINEAR, NO_RULE, find_sites, site_of
 
@@ -224,7 +225,7 @@ def _targets(gm: fx.GraphModule, kinds: Sequence[str], sites: Iterable[str] | No
     return targets, unmeasured
 
 
-def _sdpa_args(node: fx.Node, args: tuple, kwargs: dict) -> dict:
+def _sdpa_args(node: Any, args: tuple, kwargs: dict) -> dict:
     names = [a.name for a in _SDPA._schema.arguments]
     bound = {a.name: a.default_value for a in _SDPA._schema.arguments if a.has_default_value()}
     bound.update(zip(names, args))
@@ -358,22 +359,91 @@ def _explicit_outputs(record: tuple, activation_format: str, block_size: int) ->
     return results[0], results[1]
 
 
-def _site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high-precision output, output with the candidate's quantization) of one recorded site call."""
+def _quantized_linear(x, w, b, candidate: Candidate, block_size: int) -> torch.Tensor:
+    """A linear site's output with the candidate's MX weight and activation, as prepare computes it."""
     weight_format, activation_format = candidate
-    if record[0] == "explicit":
-        return _explicit_outputs(record, activation_format, block_size)
-    if record[0] == LINEAR:
-        _, x, w, b = record
-        xq = x if activation_format is None else fake_quantize(x, activation_format, block_size=block_size)
-        wq = w if weight_format is None else fake_quantize(w, weight_format, block_size=block_size)
-        return F.linear(x, w, b), F.linear(xq, wq, b)
-    _, q, k, v, mask, is_causal, scale, gqa, dropout_p = record
+    xq = x if activation_format is None else fake_quantize(x, activation_format, block_size=block_size)
+    wq = w if weight_format is None else fake_quantize(w, weight_format, block_size=block_size)
+    return F.linear(xq, wq, b)
+
+
+def _mx_sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p, activation_format: str | None, block_size: int):
+    """An SDPA site's output through `mxfx.attention` (no format: its high-precision reference)."""
     if dropout_p != 0.0:  # mxfx.attention has no dropout, and prepare leaves such a site alone
         raise MXValueError(f"an SDPA site has dropout_p={dropout_p}; measure a model whose attention dropout is off")
-    spec = MXSpec(activation_format, block_size).to_arg()
-    reference = torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, "", "", "", "")
-    return reference, torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, spec, spec, spec, spec)
+    spec = "" if activation_format is None else MXSpec(activation_format, block_size).to_arg()
+    return torch.ops.mxfx.attention(q, k, v, mask, is_causal, scale, gqa, spec, spec, spec, spec)
+
+
+def _site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high-precision output, output with the candidate's quantization) of one recorded site call."""
+    if record[0] == "explicit":
+        return _explicit_outputs(record, candidate[1], block_size)
+    if record[0] == LINEAR:
+        _, x, w, b = record
+        return F.linear(x, w, b), _quantized_linear(x, w, b, candidate, block_size)
+    sdpa = record[1:]
+    return _mx_sdpa(*sdpa, None, block_size), _mx_sdpa(*sdpa, candidate[1], block_size)
+
+
+class _Switch(torch.nn.Module):
+    """A site's node in the switched graph (`_switched`): the node's own op while `candidate` is
+    None, else that op with the candidate's MX operands, as prepare's passes insert them (linear:
+    fake-quantized input and weight; SDPA: `mxfx.attention`; an explicit attention's QK^T or PV
+    product: each operand fake-quantized along its reduction axis, OCP MX v1.0 §6.2)."""
+
+    def __init__(self, target: _Target, node: fx.Node, block_size: int) -> None:
+        super().__init__()
+        self.target, self.op, self.block_size = target, node.target, block_size
+        self.axes = contraction_axes(node) if node.target in PRODUCTS else None
+        self.candidate: Candidate | None = None
+
+    def forward(self, *args, **kwargs):
+        candidate = self.candidate
+        if candidate is None:
+            return self.op(*args, **kwargs)
+        if self.target.kind == LINEAR:
+            return _quantized_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"), candidate,
+                                     self.block_size)
+        if self.op is _SDPA:
+            a = _sdpa_args(self.op, args, kwargs)
+            return _mx_sdpa(a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"],
+                            bool(a["enable_gqa"]), float(a["dropout_p"]), candidate[1], self.block_size)
+        fmt, operands = candidate[1], list(args[1] if self.op is torch.ops.aten.einsum.default else args[:2])
+        if self.op is torch.ops.aten.baddbmm.default:
+            operands = list(args[1:3])
+        operands = [fake_quantize(t, fmt, block_size=self.block_size, axis=axis) for t, axis in zip(operands, self.axes)]
+        if self.op is torch.ops.aten.einsum.default:
+            return self.op(args[0], operands, *args[2:], **kwargs)
+        first = 1 if self.op is torch.ops.aten.baddbmm.default else 0
+        return self.op(*args[:first], *operands, *args[first + 2:], **kwargs)
+
+
+def _switched(program, targets: list[_Target], block_size: int) -> tuple[fx.GraphModule, list[_Switch]]:
+    """One copy of the exported graph in which every node of every target site is a `_Switch`:
+    setting switches' candidates quantizes those sites, with no new graph per measurement."""
+    gm = program.module()
+    find_sites(gm)  # canonicalized and annotated as the measured graph was: the same node names
+    by_name = {n.name: n for n in gm.graph.nodes}
+    switches = []
+    for target in targets:
+        names = target.nodes if target.kind == LINEAR or target.form == "sdpa" else target.operand_nodes
+        for name in names:
+            node = by_name.get(name)
+            site = None if node is None else site_of(node)
+            if node is None or (site is not None and site.fqn != target.fqn):
+                raise MXValueError(f"internal: site {target.fqn!r} has no node {name!r} in the switched graph")
+            switch = _Switch(target, node, block_size)
+            module_name = f"mxfx_switch_{len(switches)}"
+            gm.add_submodule(module_name, switch)
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_module(module_name, node.args, node.kwargs)
+            call.meta = dict(node.meta)
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+            switches.append(switch)
+    gm.recompile()
+    return gm, switches
 
 
 def _config_for(chosen: dict[_Target, Candidate], block_size: int) -> QuantConfig:
@@ -901,8 +971,8 @@ def _scalars(output: Any, batch: tuple, loss_fn: Callable | None) -> list[torch.
 
 
 def _measure_model(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) -> dict:
-    """isolated and all-but-one modes: a prepared copy of the exported program per work item
-    (`mxfx.prepare(program, config)` shares the parameters: nothing is deep-copied)."""
+    """isolated and all-but-one modes: one switched copy of the exported graph (`_switched`, which
+    shares the parameters) for the whole run; each work item sets its sites' switches and runs it."""
     references, numel = [], {t.fqn: 0 for t in targets}
     with torch.no_grad():
         for batch in batches:
@@ -911,17 +981,20 @@ def _measure_model(program, base, targets, mine, batches, mode, block_size, loss
             for fqn, n in recorder.numel.items():
                 numel[fqn] += n
 
+    switched, switches = _switched(program, targets, block_size)
+
     def run(chosen: dict[_Target, Candidate]) -> dict:
-        prepared = prepare(program, _config_for(chosen, block_size))
-        for target in chosen:
-            quantized = [s for s in prepared.mxfx_report.sites if s.fqn == target.fqn and s.kind == target.kind]
-            if not quantized or not all(s.quantized for s in quantized):
-                raise MXValueError(f"prepare did not quantize site {target.fqn!r} ({target.kind}) as asked: "
-                                   f"{[(s.status, s.reason) for s in quantized]}")
+        for switch in switches:
+            candidate = chosen.get(switch.target)
+            switch.candidate = None if candidate is None or candidate == (None, None) else candidate
         acc = MetricAccumulator(kl=True)
-        with torch.no_grad():
-            for batch, reference in zip(batches, references):
-                acc.add(reference, _primary_output(prepared(*batch)))
+        try:
+            with torch.no_grad():
+                for batch, reference in zip(batches, references):
+                    acc.add(reference, _primary_output(switched(*batch)))
+        finally:
+            for switch in switches:
+                switch.candidate = None
         return acc.result()
 
     everything: dict[Candidate, dict] = {}  # all-but-one: metrics with every site quantized, per candidate

@@ -121,10 +121,12 @@ def test_prepared_rotation_adds_no_loop_nest(fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_isolated_measurements_share_the_model_parameters(monkeypatch):
-    # issue #15: sensitivity's isolated mode prepares one module per measurement from the one
-    # ExportedProgram; those modules must share the model's parameter storage (no deep copy of
-    # the model per measurement). A copy.deepcopy of a module or a Parameter fails it too.
+@pytest.mark.parametrize("mode", ["isolated", "all-but-one"])
+def test_model_run_modes_copy_the_graph_once_per_run_not_per_measurement(monkeypatch, mode):
+    # issue #15: isolated and all-but-one modes switch sites inside one copy of the exported graph
+    # (ExportedProgram.module(): the measured graph and the switched one), whatever the number of
+    # measurements; no prepare per measurement, no deep copy of a module or a Parameter, and the
+    # switched graph shares the model's parameter storage.
     import copy
     import importlib
 
@@ -135,24 +137,25 @@ def test_isolated_measurements_share_the_model_parameters(monkeypatch):
     torch.manual_seed(0)
     model = MLP().eval()
     originals = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    prepared_modules = []
-    real_prepare, real_deepcopy = sensitivity.prepare, copy.deepcopy
+    modules, prepares = [], []
+    real_module, real_deepcopy = torch.export.ExportedProgram.module, copy.deepcopy
 
-    def recording_prepare(*args, **kwargs):
-        module = real_prepare(*args, **kwargs)
-        prepared_modules.append(module)
+    def recording_module(self, *args, **kwargs):
+        module = real_module(self, *args, **kwargs)
+        modules.append(module)
         return module
 
     def guarded_deepcopy(value, *args, **kwargs):
         assert not isinstance(value, (torch.nn.Module, torch.nn.Parameter)), f"deep copy of a {type(value).__name__}"
         return real_deepcopy(value, *args, **kwargs)
 
-    monkeypatch.setattr(sensitivity, "prepare", recording_prepare)
+    monkeypatch.setattr(torch.export.ExportedProgram, "module", recording_module)
+    monkeypatch.setattr(sensitivity, "prepare", lambda *a, **k: prepares.append(a) or pytest.fail("prepare called"))
     monkeypatch.setattr(copy, "deepcopy", guarded_deepcopy)
     x = torch.randn(4, 64)
-    report = mxfx.sensitivity(model, x, ["fp8_e4m3", "fp4_e2m1"], mode="isolated", progress=None)
-    assert len(report.rows) >= 2 and len(prepared_modules) >= len(report.rows)
-    for module in prepared_modules:
+    report = mxfx.sensitivity(model, x, ["fp8_e4m3", "fp6_e2m3", "fp4_e2m1"], mode=mode, progress=None)
+    assert len(report.rows) >= 6 and len(modules) == 2 and not prepares, (len(report.rows), len(modules))
+    for module in modules:
         floats = [p for p in module.parameters() if p.is_floating_point()]
         assert floats and all(p.untyped_storage().data_ptr() in originals for p in floats)
 

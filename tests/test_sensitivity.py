@@ -460,3 +460,50 @@ def test_gradient_loss_fn_sees_a_hugging_face_output():
     assert seen == ["CausalLMOutputWithPast"]
     assert {r["kind"] for r in report.rows} == {"linear", "attention"} and len(report.rows) == 9
     assert all(r["loss"] > 0 for r in report.rows)
+
+
+class EinsumAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / 4.0
+        return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+
+
+def _every_attention_form():
+    import zoo_models
+
+    torch.manual_seed(0)
+    bloom, args, _ = zoo_models.bloom()  # baddbmm + bmm
+    return {
+        "sdpa": (NanoGPT(n_layer=1), [torch.randint(0, 256, (2, 16))]),
+        "matmul": (NanoGPT(n_layer=1, flash=False), [torch.randint(0, 256, (2, 16))]),
+        "einsum": (EinsumAttention(), [torch.randn(2, 8, 32)]),
+        "baddbmm": (bloom, [args]),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["sdpa", "matmul", "einsum", "baddbmm"])
+def test_isolated_rows_equal_evaluate_of_each_site_alone(form):
+    # Issue #15: isolated mode switches sites inside one copy of the graph instead of preparing a
+    # module per measurement; each row must still be what prepare + evaluate give for that site
+    # alone, bit for bit, for every linear and every attention form.
+    model, batches = _every_attention_form()[form]
+    model.eval()
+    candidate = ("fp4_e2m1", "fp6_e2m3")
+    report = mxfx.sensitivity(model, batches, candidates=[candidate], mode="isolated", progress=None)
+    kinds = {row["kind"] for row in report.rows}
+    assert kinds == {"linear", "attention"}, kinds
+    for row in report.rows:
+        name = row["site"].replace(".", r"\.")
+        if row["kind"] == "linear":
+            rule = mxfx.Rule(match=name, weight=mxfx.MXSpec(candidate[0]), activation=mxfx.MXSpec(candidate[1]))
+        else:
+            spec = mxfx.MXSpec(candidate[1])
+            rule = mxfx.Rule(match=name, attention=mxfx.AttentionSpec(spec, spec, spec, spec))
+        expected = mxfx.evaluate(model, batches, mxfx.QuantConfig((rule,)))
+        assert {k: row[k] for k in expected} == expected, (row["site"], row["kind"])
