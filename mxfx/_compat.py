@@ -259,6 +259,20 @@ def size_hint(size) -> int | None:
     return None
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether `t` is a tracing stand-in (a FakeTensor, as in the graphs Inductor lowers) rather
+    than data, or code Dynamo is tracing now. Fail-safe: True if torch cannot say (callers then
+    take their traced-safe way)."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace into is_fake
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return bool(is_fake(t)) or isinstance(t, torch.fx.Proxy)
+    except Exception:
+        return True
+
+
 def below_autograd():
     """A context with autograd's dispatch keys and ADInplaceOrView excluded, as inside a custom op's
     kernel. Dynamo guards a compiled function on its inputs' dispatch keys as this thread-local

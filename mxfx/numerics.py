@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from mxfx import _compat
 from mxfx.errors import FormatError
 from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, ElementFormat, get_format
 
@@ -109,24 +110,28 @@ def _uniform(shape: tuple, seed: int, device: torch.device) -> Tensor:
 _VELTKAMP_ONE_BIT = float(2**23 + 1)
 
 
-def _pow2_floor(a: Tensor) -> Tensor:
-    """2^floor(log2(a)) for normal fp32 a > 0: `_pow2_floor_split` on the CPU (float arithmetic
-    only: Inductor's CPU backend runs bit casts through a scalar loop), `_pow2_floor_bits`
-    elsewhere (Triton contracts the split's `c - (c - a)` into a fused multiply-add, which breaks it)."""
-    return _pow2_floor_split(a) if a.device.type == "cpu" else _pow2_floor_bits(a)
+def _bits_are_cheap(t: Tensor) -> bool:
+    """Whether bit casts on `t` cost no more than float arithmetic: true in eager ATen and in
+    Triton; false in CPU code that Inductor generates (it runs bit casts through a scalar loop),
+    where the math stays float-only. Both ways give the same bits."""
+    return t.device.type != "cpu" or not _compat.is_traced(t)
 
 
 def _pow2_floor_split(a: Tensor) -> Tensor:
-    """A Veltkamp split with s = 23 rounds `a` to one significant bit, giving 2^e or 2^(e+1)
+    """2^floor(log2(a)) for normal fp32 a > 0 with float arithmetic only (see `_bits_are_cheap`).
+
+    A Veltkamp split with s = 23 rounds `a` to one significant bit, giving 2^e or 2^(e+1)
     (checked over every fp32 mantissa in the tests); halving the latter gives 2^e. Needs
-    fp-contract off (Inductor's CPU default) so that `c - (c - a)` is not fused."""
+    fp-contract off (Inductor's CPU default) so that `c - (c - a)` is not fused: Triton fuses it
+    into an FMA, which breaks the split (every compiled float-format code was wrong on CUDA)."""
     c = a * _VELTKAMP_ONE_BIT
     one_bit = c - (c - a)
     return torch.where(one_bit > a, one_bit * 0.5, one_bit)
 
 
 def _pow2_floor_bits(a: Tensor) -> Tensor:
-    """The exponent field of `a`'s bits alone (its mantissa masked out)."""
+    """The exponent field of `a`'s bits alone (sign and mantissa masked out): 2^floor(log2|a|)
+    for normal a."""
     return (a.view(torch.int32) & 0x7F800000).view(torch.float32)
 
 
@@ -142,8 +147,15 @@ def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed:
     if fmt.is_int:
         quantum = 2.0**-fmt.mbits  # fixed point: steps of 2^-6
     else:
-        magnitude = scaled.abs().clamp(2.0**fmt.emin, 2.0 ** (fmt.emax + 1))  # no overflow below
-        quantum = _pow2_floor(magnitude) * 2.0**-fmt.mbits
+        lowest, highest = 2.0**fmt.emin, 2.0 ** (fmt.emax + 1)  # no overflow below
+        if _bits_are_cheap(scaled):
+            # the exponent field alone is 2^floor(log2|V/X|) (the mask drops the sign: |.| for
+            # free), and a power of two clamps to one. Subnormals and zeros give 0, clamped up as
+            # the float way does; NaN/Inf give Inf, not NaN, but occur only in NaN-scale blocks,
+            # whose outputs are the NaN scale and whose codes are 0 (§6.3).
+            quantum = _pow2_floor_bits(scaled).clamp(lowest, highest) * 2.0**-fmt.mbits
+        else:
+            quantum = _pow2_floor_split(scaled.abs().clamp(lowest, highest)) * 2.0**-fmt.mbits
     multiple = scaled / quantum  # exact
     if rounding == "even":
         rounded = torch.round(multiple)  # round half to even
@@ -458,6 +470,10 @@ def fake_quantize_last_axis(
     scale = _per_block(decode_scales(scales), hint)
     # A NaN block is the scale's NaN, bit for bit: a NaN element times the NaN scale would give
     # either NaN operand's payload and sign, as the compiler orders the multiply (§6.3: NaN scale).
-    out = torch.where(torch.isnan(scale), scale, round_elements(scaled, fmt, rounding, seed) * scale)
+    out = round_elements(scaled, fmt, rounding, seed) * scale
+    nan_scale = torch.isnan(scale)
+    # (eager on the CPU: skip the select when no block is NaN, the usual case; a per-block check)
+    if x.device.type != "cpu" or _compat.is_traced(x) or nan_scale.any():
+        out = torch.where(nan_scale, scale, out)
     out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
     return out[..., : x.shape[-1]].to(x.dtype)
