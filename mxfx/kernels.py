@@ -8,9 +8,10 @@ fp32 model's. Layers repeat the same shapes, so here, on CPU, each mxfx op is lo
 opaque call (`mxfx::shared_*`, a fallback kernel for Inductor) of one kernel per op and static
 arguments, compiled on its first call and reused by every site and every layer:
 
-- quantizers (fake_quantize, quantize, dequantize) see their tensor as 2-D (rows, n) with the
-  block axis last and the row count symbolic (`torch._dynamo.mark_dynamic`), so every activation
-  and every weight of the same width and format shares one kernel;
+- quantizers (fake_quantize, quantize, dequantize) see their tensor as 2-D with the block axis
+  last, one row per MX block where whole blocks tile it (else (rows, n)), and the row count
+  symbolic (`torch._dynamo.mark_dynamic`), so every activation and every weight of a format
+  shares one kernel whatever its width;
 - attention is compiled for static shapes (its layers share them; a symbolic-shape attention
   kernel measured 4x slower to compile);
 - linear and matmul become shared quantizers around the ATen GEMM, as they are inlined.
@@ -157,17 +158,21 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
                         f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
 
 
-def _rows(x: Tensor, axis: int) -> tuple[Tensor, torch.Size]:
-    """x with `axis` moved last, as (rows, n), and the moved shape."""
+def _rows(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, torch.Size]:
+    """x with `axis` moved last, as 2-D rows, and the moved shape. The rows are the MX blocks
+    themselves, (rows * n / block_size, block_size), where whole blocks tile the axis: the
+    quantizers' math works block by block, and the element order (and so a stochastic rounding's
+    counter) is unchanged, so one kernel serves every width; (rows, n) where a block is partial."""
     moved = x.movedim(axis, -1)
-    return moved.reshape(-1, moved.shape[-1]), moved.shape
+    n = moved.shape[-1]
+    return moved.reshape(-1, block_size if n % block_size == 0 else n), moved.shape
 
 
 @torch.library.custom_op("mxfx::shared_fake_quantize", mutates_args=())
 def shared_fake_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                          seed: int, flush_subnormals: bool) -> Tensor:
     """`mxfx::fake_quantize` through a shared kernel (see the module docstring)."""
-    rows, moved = _rows(x, axis)
+    rows, moved = _rows(x, axis, block_size)
     out = _kernel(_fake_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals), (rows,))
     return out.reshape(moved).movedim(-1, axis).contiguous()
 
@@ -181,10 +186,10 @@ def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnor
 def shared_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                     seed: int, flush_subnormals: bool) -> tuple[Tensor, Tensor]:
     """`mxfx::quantize` through a shared kernel."""
-    rows, moved = _rows(x, axis)
+    rows, moved = _rows(x, axis, block_size)
     codes, scales = _kernel(_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals),
                             (rows,))
-    return codes.reshape(*moved[:-1], codes.shape[-1]), scales.reshape(*moved[:-1], scales.shape[-1])
+    return codes.reshape(*moved[:-1], -1), scales.reshape(*moved[:-1], -1)  # blocks' bytes back to back
 
 
 @shared_quantize.register_fake
@@ -199,8 +204,11 @@ def shared_dequantize(codes: Tensor, scales: Tensor, elem_format: str, block_siz
     """`mxfx::dequantize` through a shared kernel."""
     moved = list(shape)
     n = moved.pop(axis)
-    out = _kernel(_dequantize_2d, (elem_format, block_size, n, dtype),
-                  (codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1])))
+    if n % block_size == 0:  # one row per block (see `_rows`): a whole block's codes are whole bytes
+        codes, scales, width = codes.reshape(-1, codes.shape[-1] // scales.shape[-1]), scales.reshape(-1, 1), block_size
+    else:
+        codes, scales, width = codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]), n
+    out = _kernel(_dequantize_2d, (elem_format, block_size, width, dtype), (codes, scales))
     return out.reshape(*moved, n).movedim(-1, axis % len(shape)).contiguous()
 
 

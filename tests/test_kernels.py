@@ -44,27 +44,55 @@ def test_layers_share_kernels_so_their_number_does_not_grow_with_depth(fresh_dyn
         torch._dynamo.reset()
     # 4 linears per layer (activation fake-quantize and packed-weight dequantize each) + 1 attention
     assert calls[1] == 9 and calls[3] == 27, calls
-    # a fake-quantize and a dequantize kernel per width (64, and 256: the MLP's wide input), one attention
-    assert len(built[1]) == 5, built[1]
+    # one fake-quantize and one dequantize kernel for both widths (64, and 256: the MLP's wide
+    # input; a row per MX block), one attention
+    assert len(built[1]) == 3, built[1]
     assert any("attention" in k for k in built[1]) and all("rows" in k for k in built[1] if "attention" not in k)
     assert len(new_kernels(before)) == 0  # the 3-layer model compiled no kernel of its own
 
 
 @pytest.mark.slow
-def test_one_kernel_serves_every_row_count(fresh_dynamo):
+def test_one_kernel_serves_every_row_count_and_width(fresh_dynamo):
     before = kernels.compiled_kernels()
 
     def fq(t):
         return torch.ops.mxfx.fake_quantize(t, "fp4_e2m1", 32, -1, "floor", "away", 0, False)
 
-    for shape in ((8, 96), (24, 96), (3, 5, 96), (2, 96)):
+    # whole blocks: one row per MX block, so every width shares the kernel
+    for shape in ((8, 96), (24, 64), (3, 5, 160), (2, 32)):
         x = torch.randn(shape) * 4
         assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x)), shape
         torch._dynamo.reset()  # a fresh compile of the caller every time: only the kernel is shared
     assert len(new_kernels(before)) == 1, new_kernels(before)
-    x = torch.randn(1, 96)  # one row: Dynamo specializes size 1, so a kernel of its own
+    x = torch.randn(1, 32)  # one block: Dynamo specializes size 1, so a kernel of its own
     assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x))
+    torch._dynamo.reset()
     assert len(new_kernels(before)) == 2
+    for shape in ((4, 80), (9, 80)):  # a partial block: (rows, n), a kernel per width
+        x = torch.randn(shape) * 4
+        assert bits_equal(torch.compile(fq, fullgraph=True)(x), fq(x)), shape
+        torch._dynamo.reset()
+    assert len(new_kernels(before)) == 3, new_kernels(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp6_e3m2", "fp8_e5m2"])
+def test_packed_codes_of_whole_blocks_round_trip_through_the_per_block_rows(fresh_dynamo, fmt):
+    # quantize's packed codes are the blocks' bytes back to back (fp4: 16 bytes a block, fp6: 24),
+    # so the per-block rows of the shared kernels must give eager's codes, scales and values
+    x = torch.randn(3, 7, 96) * 8
+
+    axis = 1 if fmt == "fp8_e5m2" else -1  # E5M2: blocks along a middle axis
+    t = x.transpose(1, 2).contiguous() if axis == 1 else x  # (3, 96, 7): 96 along the block axis
+
+    def round_trip(t):
+        codes, scales = torch.ops.mxfx.quantize(t, fmt, 32, axis, "floor", "even", 0, False)
+        return codes, scales, torch.ops.mxfx.dequantize(codes, scales, fmt, 32, axis, list(t.shape), torch.bfloat16)
+
+    eager = round_trip(t)
+    compiled, code = run_and_get_code(torch.compile(round_trip, fullgraph=True), t)
+    assert shared_calls(code[0]) == 2, code[0]
+    assert all(bits_equal(a, b) for a, b in zip(compiled, eager))
 
 
 @pytest.mark.slow
