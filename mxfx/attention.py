@@ -25,13 +25,17 @@ from mxfx.config import MXSpec
 from mxfx.numerics import fake_quantize_last_axis
 
 
-def quantize_operand(x: Tensor, spec: str, axis: int = -1, hint=None) -> Tensor:
+def quantize_operand(x: Tensor, spec: str, axis: int = -1, hint=None, quantizer=None) -> Tensor:
     """x in fp32, fake-quantized along `axis` when `spec` (`MXSpec.to_arg()`, "" for none) is set.
-    `hint`: see `mxfx.ops._realizing` (Inductor only; applied to the operand and its block scales)."""
+    `hint`: see `mxfx.ops._realizing` (Inductor only; applied to the operand and its block scales).
+    `quantizer(x, spec, axis)`, if given, fake-quantizes the fp32 operand instead of the math
+    inlined here (`mxfx.kernels` passes its shared kernel)."""
     x = x.to(torch.float32)
     parsed = MXSpec.from_arg(spec)
     if parsed is None:
         return x
+    if quantizer is not None:
+        return quantizer(x, parsed, axis)
     moved = (x if hint is None else hint(x)).movedim(axis, -1)
     return fake_quantize_last_axis(moved, parsed.format, parsed.block_size, parsed.scale_mode,
                                    parsed.rounding, hint=hint).movedim(-1, axis)
@@ -40,15 +44,16 @@ def quantize_operand(x: Tensor, spec: str, axis: int = -1, hint=None) -> Tensor:
 def attention_reference(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
     scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str, probs_spec: str,
-    hint=None,
+    hint=None, quantizer=None,
 ) -> Tensor:
-    """SDPA semantics (dropout 0) with MX quantization of Q, K, V and the softmax output P."""
+    """SDPA semantics (dropout 0) with MX quantization of Q, K, V and the softmax output P
+    (`hint`, `quantizer`: see `quantize_operand`)."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
-    q = quantize_operand(query, query_spec, -1, hint)
-    k = quantize_operand(key, key_spec, -1, hint)
+    q = quantize_operand(query, query_spec, -1, hint, quantizer)
+    k = quantize_operand(key, key_spec, -1, hint, quantizer)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     length, source = query.shape[-2], key.shape[-2]
@@ -60,8 +65,8 @@ def attention_reference(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(torch.float32)
-    probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1, hint)
-    v = quantize_operand(value, value_spec, -2, hint)
+    probs = quantize_operand(torch.softmax(scores, dim=-1), probs_spec, -1, hint, quantizer)
+    v = quantize_operand(value, value_spec, -2, hint, quantizer)
     return sdpa_layout(torch.matmul(probs, v).to(query.dtype))
 
 

@@ -280,7 +280,7 @@ for _op, _impl in (
     (torch.ops.mxfx.matmul.default, _decomposition(_matmul_impl, kernels.shared_matmul, inputs=False)),
     # Q, K, V and P are realized by `quantize_operand` where they are quantized, and only there.
     (torch.ops.mxfx.attention.default,
-     _decomposition(attention_reference, torch.ops.mxfx.shared_attention.default, inputs=False)),
+     _decomposition(attention_reference, kernels.shared_attention_call, inputs=False)),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but

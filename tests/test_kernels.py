@@ -42,12 +42,13 @@ def test_layers_share_kernels_so_their_number_does_not_grow_with_depth(fresh_dyn
         built[layers] = new_kernels(before) if layers == 1 else [k for k in kernels.compiled_kernels() if k in built[1]]
         calls[layers] = shared_calls(code[0])
         torch._dynamo.reset()
-    # 4 linears per layer (activation fake-quantize and packed-weight dequantize each) + 1 attention
-    assert calls[1] == 9 and calls[3] == 27, calls
-    # one fake-quantize and one dequantize kernel for both widths (64, and 256: the MLP's wide
-    # input; a row per MX block), one attention
-    assert len(built[1]) == 3, built[1]
-    assert any("attention" in k for k in built[1]) and all("rows" in k for k in built[1] if "attention" not in k)
+    # 4 linears per layer (activation fake-quantize and packed-weight dequantize each) + attention's
+    # Q, K, P and V fake-quantizes (whole blocks: head_dim 32, 32 keys)
+    assert calls[1] == 12 and calls[3] == 36, calls
+    # one fake-quantize kernel for every width (64, 256: the MLP's wide input, 32: attention's
+    # operands; a row per MX block) and one dequantize kernel: attention adds none of its own
+    assert len(built[1]) == 2, built[1]
+    assert not any("attention" in k for k in built[1]) and all("rows" in k for k in built[1])
     assert len(new_kernels(before)) == 0  # the 3-layer model compiled no kernel of its own
 
 
@@ -191,3 +192,40 @@ def test_a_failing_kernel_compile_names_the_kernel_and_the_way_out(fresh_dynamo,
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
     with pytest.raises(mxfx.MXFXError, match=r"fake_quantize_2d.*no C\+\+ compiler.*mxfx.fused_kernels"):
         torch.ops.mxfx.shared_fake_quantize(torch.randn(4, 32), "fp8_e4m3", 32, -1, "floor", "even", 0, False)
+
+
+@pytest.mark.slow
+def test_attention_of_whole_blocks_reuses_the_activation_kernel(fresh_dynamo, monkeypatch):
+    # Where whole blocks tile head_dim and the key axis, attention's four operand quantizers are
+    # shared fake-quantize calls (one row per block): the kernel the linears' fp32 activations use,
+    # so attention compiles no kernel of its own. A partial block (40 keys) keeps one static kernel.
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    spec = "fp8_e4m3/32/floor/even"
+    torch.manual_seed(0)
+
+    def attention(q, k, v, mask):
+        return torch.ops.mxfx.attention(q, k, v, mask, False, None, False, spec, spec, spec, spec)
+
+    def linear_input(x):
+        return torch.ops.mxfx.fake_quantize(x, "fp8_e4m3", 32, -1, "floor", "even", 0, False)
+
+    linear_input_compiled = torch.compile(linear_input, fullgraph=True)
+    x = torch.randn(8, 96)
+    assert bits_equal(linear_input_compiled(x), linear_input(x))
+    assert len(kernels.compiled_kernels()) == 1
+    q, k, v = (torch.randn(2, 3, 64, 32) for _ in range(3))
+    mask = torch.randn(64, 64) > -1.0
+    eager = attention(q, k, v, mask)
+    shared, code = run_and_get_code(torch.compile(attention, fullgraph=True), q, k, v, mask)
+    assert shared_calls(code[0]) == 4 and "shared_attention" not in code[0], code[0]
+    assert len(kernels.compiled_kernels()) == 1, kernels.compiled_kernels()  # no new kernel
+    torch._dynamo.reset()
+    with mxfx.fused_kernels():
+        fused = torch.compile(attention, fullgraph=True)(q, k, v, mask)
+    assert bits_equal(shared, fused)  # the same math, compiled the same way around the quantizers
+    torch.testing.assert_close(shared, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 3, 40, 32) for _ in range(3))  # 40 keys: a partial block for P and V
+    out, code = run_and_get_code(torch.compile(attention, fullgraph=True), q, k, v, None)
+    assert "shared_attention" in code[0]
+    torch.testing.assert_close(out, attention(q, k, v, None), rtol=1e-5, atol=1e-5)
