@@ -225,7 +225,7 @@ def _targets(gm: fx.GraphModule, kinds: Sequence[str], sites: Iterable[str] | No
     return targets, unmeasured
 
 
-def _sdpa_args(node: Any, args: tuple, kwargs: dict) -> dict:
+def _sdpa_args(args: tuple, kwargs: dict) -> dict:
     names = [a.name for a in _SDPA._schema.arguments]
     bound = {a.name: a.default_value for a in _SDPA._schema.arguments if a.has_default_value()}
     bound.update(zip(names, args))
@@ -288,7 +288,7 @@ class _Recorder(fx.Interpreter):
             self.numel[target.fqn] += x.numel()
             record = (LINEAR, x.detach(), w.detach(), None if bias is None else bias.detach())
         elif target.form == "sdpa":
-            a = _sdpa_args(node, args, kwargs)
+            a = _sdpa_args(args, kwargs)
             q, k, v = a["query"], a["key"], a["value"]
             repeat = q.shape[-3] // k.shape[-3] if a["enable_gqa"] and k.dim() >= 3 else 1
             self.numel[target.fqn] += q.numel() + (k.numel() + v.numel()) * repeat + out.numel() // v.shape[-1] * k.shape[-2]
@@ -406,17 +406,17 @@ class _Switch(torch.nn.Module):
             return _quantized_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"), candidate,
                                      self.block_size)
         if self.op is _SDPA:
-            a = _sdpa_args(self.op, args, kwargs)
+            a = _sdpa_args(args, kwargs)
             return _mx_sdpa(a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"],
                             bool(a["enable_gqa"]), float(a["dropout_p"]), candidate[1], self.block_size)
-        fmt, operands = candidate[1], list(args[1] if self.op is torch.ops.aten.einsum.default else args[:2])
-        if self.op is torch.ops.aten.baddbmm.default:
-            operands = list(args[1:3])
-        operands = [fake_quantize(t, fmt, block_size=self.block_size, axis=axis) for t, axis in zip(operands, self.axes)]
-        if self.op is torch.ops.aten.einsum.default:
-            return self.op(args[0], operands, *args[2:], **kwargs)
-        first = 1 if self.op is torch.ops.aten.baddbmm.default else 0
-        return self.op(*args[:first], *operands, *args[first + 2:], **kwargs)
+        def quantized(operands):
+            return [fake_quantize(t, candidate[1], block_size=self.block_size, axis=axis)
+                    for t, axis in zip(operands, self.axes)]
+
+        if self.op is torch.ops.aten.einsum.default:  # einsum(equation, [left, right])
+            return self.op(args[0], quantized(args[1]), *args[2:], **kwargs)
+        first = 1 if self.op is torch.ops.aten.baddbmm.default else 0  # baddbmm(input, batch1, batch2)
+        return self.op(*args[:first], *quantized(args[first:first + 2]), *args[first + 2:], **kwargs)
 
 
 def _switched(program, targets: list[_Target], block_size: int) -> tuple[fx.GraphModule, list[_Switch]]:
