@@ -167,6 +167,24 @@ def test_a_compiled_model_compiles_nothing_after_its_first_call(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == frames
 
 
+def test_a_kernel_first_compiled_for_a_few_rows_still_runs_its_rows_in_parallel(fresh_dynamo, monkeypatch):
+    # The row count is symbolic, and Inductor's CPU backend decides whether to split a loop over
+    # threads from the size hint of the first call (its FX graph cache then hands that code to any
+    # row count): a kernel first called on a handful of rows ran every later site on one thread
+    # (a 2048x2048 fake-quantize, 2 threads: 3.6 ms vs 2.0 ms). Its outer loop is now always an
+    # OpenMP loop over the rows, with the thread count read at run time.
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    x = torch.randn(2, 64)  # 4 rows of one block each
+    out, code = run_and_get_code(torch.ops.mxfx.shared_fake_quantize, x, "fp8_e5m2", 32, -1, "floor", "even", 0, False)
+    source = "\n".join(code)
+    assert "#pragma omp parallel" in source and "num_threads(" not in source, source
+    big = torch.randn(64, 256)
+    assert bits_equal(torch.ops.mxfx.shared_fake_quantize(big, "fp8_e5m2", 32, -1, "floor", "even", 0, False),
+                      torch.ops.mxfx.fake_quantize(big, "fp8_e5m2", 32, -1, "floor", "even", 0, False))
+    assert len(kernels.compiled_kernels()) == 1 and bits_equal(out, torch.ops.mxfx.fake_quantize(
+        x, "fp8_e5m2", 32, -1, "floor", "even", 0, False))
+
+
 def test_fused_kernels_inlines_the_ops_and_keys_the_caches_apart(fresh_dynamo):
     x = torch.randn(4, 64)
 
