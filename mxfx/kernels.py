@@ -45,7 +45,8 @@ from mxfx import _compat
 from mxfx.attention import attention_reference, sdpa_layout
 from mxfx.config import MXSpec
 from mxfx.errors import MXFXError
-from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, quantize_last_axis
+from mxfx.formats import get_format
+from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, packing_group, quantize_last_axis
 
 _FUSED = contextvars.ContextVar("mxfx_fused_kernels", default=False)
 _KERNELS: dict[tuple, Callable] = {}
@@ -164,17 +165,38 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
                         f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
 
 
-def _rows(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, torch.Size]:
+def _per_block(n: int, block_size: int, elem_format: str | None = None) -> bool:
+    """Whether an axis of n elements can be cut into one row per MX block: whole blocks tile it,
+    and (for packed codes, `elem_format` given) a block's codes fill whole bytes (fp6 packs 4
+    codes into 3 bytes, fp4 2 into 1: a block of 1 or 2 codes would pad each row)."""
+    group = 1 if elem_format is None else packing_group(get_format(elem_format))
+    return n % block_size == 0 and block_size % group == 0
+
+
+def _rows(x: Tensor, axis: int, block_size: int, elem_format: str | None = None) -> tuple[Tensor, torch.Size]:
     """x with `axis` moved last, as 2-D rows, and the moved shape. The rows are the MX blocks
-    themselves, (rows * n / block_size, block_size), where whole blocks tile the axis: the
-    quantizers' math works block by block, and the element order (and so a stochastic rounding's
-    counter) is unchanged, so one kernel serves every width; (rows, n) where a block is partial."""
+    themselves, (rows * n / block_size, block_size), where `_per_block`: the quantizers' math works
+    block by block, and the element order (and so a stochastic rounding's counter) is unchanged,
+    so one kernel serves every width; else (rows, n)."""
     moved = x.movedim(axis, -1)
     n = moved.shape[-1]
-    return moved.reshape(-1, block_size if n % block_size == 0 else n), moved.shape
+    return moved.reshape(-1, block_size if _per_block(n, block_size, elem_format) else n), moved.shape
 
 
-@torch.library.custom_op("mxfx::shared_fake_quantize", mutates_args=())
+_LIBRARY = torch.library.Library("mxfx", "FRAGMENT")
+
+
+def _cpu_op(fn: Callable) -> Callable:
+    """Define `mxfx::<fn's name>` from fn's type hints (`torch.library.infer_schema`), fn its CPU
+    kernel. Not `torch.library.custom_op`, whose Python autograd, aliasing-check and Dynamo-disable
+    wrappers cost ~30 us per call (a 64x32 shared fake-quantize, 2 threads: 84 -> 52 us): these ops
+    are called only from Inductor's generated code, on tensors that need no autograd."""
+    _LIBRARY.define(fn.__name__ + torch.library.infer_schema(fn, mutates_args=()))
+    _LIBRARY.impl(fn.__name__, fn, "CPU")
+    return fn
+
+
+@_cpu_op
 def shared_fake_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                          seed: int, flush_subnormals: bool) -> Tensor:
     """`mxfx::fake_quantize` through a shared kernel (see the module docstring)."""
@@ -183,34 +205,34 @@ def shared_fake_quantize(x: Tensor, elem_format: str, block_size: int, axis: int
     return out.reshape(moved).movedim(-1, axis).contiguous()
 
 
-@shared_fake_quantize.register_fake
+@torch.library.register_fake("mxfx::shared_fake_quantize", lib=_LIBRARY)
 def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mxfx::shared_quantize", mutates_args=())
+@_cpu_op
 def shared_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                     seed: int, flush_subnormals: bool) -> tuple[Tensor, Tensor]:
     """`mxfx::quantize` through a shared kernel."""
-    rows, moved = _rows(x, axis, block_size)
+    rows, moved = _rows(x, axis, block_size, elem_format)
     codes, scales = _kernel(_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals),
                             (rows,))
     return codes.reshape(*moved[:-1], -1), scales.reshape(*moved[:-1], -1)  # blocks' bytes back to back
 
 
-@shared_quantize.register_fake
+@torch.library.register_fake("mxfx::shared_quantize", lib=_LIBRARY)
 def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals):
     return torch.ops.mxfx.quantize.default(x, elem_format, block_size, axis, scale_mode, rounding, seed,
                                            flush_subnormals)
 
 
-@torch.library.custom_op("mxfx::shared_dequantize", mutates_args=())
+@_cpu_op
 def shared_dequantize(codes: Tensor, scales: Tensor, elem_format: str, block_size: int, axis: int, shape: list[int],
                       dtype: torch.dtype) -> Tensor:
     """`mxfx::dequantize` through a shared kernel."""
     moved = list(shape)
     n = moved.pop(axis)
-    if n % block_size == 0:  # one row per block (see `_rows`): a whole block's codes are whole bytes
+    if _per_block(n, block_size, elem_format):  # one row per block (see `_rows`)
         codes, scales, width = codes.reshape(-1, codes.shape[-1] // scales.shape[-1]), scales.reshape(-1, 1), block_size
     else:
         codes, scales, width = codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]), n
@@ -218,12 +240,12 @@ def shared_dequantize(codes: Tensor, scales: Tensor, elem_format: str, block_siz
     return out.reshape(*moved, n).movedim(-1, axis % len(shape)).contiguous()
 
 
-@shared_dequantize.register_fake
+@torch.library.register_fake("mxfx::shared_dequantize", lib=_LIBRARY)
 def _(codes, scales, elem_format, block_size, axis, shape, dtype):
     return codes.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("mxfx::shared_attention", mutates_args=())
+@_cpu_op
 def shared_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
                      scale: float | None, enable_gqa: bool, query_spec: str, key_spec: str, value_spec: str,
                      probs_spec: str) -> Tensor:
@@ -232,34 +254,42 @@ def shared_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tenso
     return sdpa_layout(_kernel(_attention, static, (query, key, value, attn_mask)))
 
 
-@shared_attention.register_fake
+@torch.library.register_fake("mxfx::shared_attention", lib=_LIBRARY)
 def _(query, key, value, attn_mask, *static):
     return torch.ops.mxfx.attention.default(query, key, value, attn_mask, *static)
 
 
 def _shared_operand(x: Tensor, spec, axis: int) -> Tensor:
-    return torch.ops.mxfx.shared_fake_quantize(x, spec.format, spec.block_size, axis, spec.scale_mode, spec.rounding,
-                                               0, False)
+    """x fake-quantized along `axis` by the shared kernel. A partial trailing block is padded with
+    zeros to a whole one first, in the caller's graph, so that the call takes one row per block:
+    the numerics pad it so too (`numerics._scaled_blocks`: zeros never change max|V|, and a
+    stochastic rounding's counter runs over the padded blocks), so the bits are the same."""
+    length = x.shape[axis]
+    pad = (-length) % spec.block_size
+    if pad:
+        x = torch.nn.functional.pad(x.movedim(axis, -1), (0, pad))
+    out = torch.ops.mxfx.shared_fake_quantize(x, spec.format, spec.block_size, -1 if pad else axis, spec.scale_mode,
+                                              spec.rounding, 0, False)
+    return out[..., :length].movedim(-1, axis) if pad else out
 
 
-def _whole_blocks(length, spec: str) -> bool:
-    parsed = MXSpec.from_arg(spec)
-    return parsed is None or (isinstance(length, int) and length % parsed.block_size == 0)
+def _static_length(length, spec: str) -> bool:
+    return MXSpec.from_arg(spec) is None or isinstance(length, int)
 
 
 def shared_attention_call(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec, value_spec,
                           probs_spec):
-    """`mxfx::attention` under the shared kernels. Where whole MX blocks tile every quantized
-    operand's axis (head_dim for Q and K, the key axis for P and V), its four quantizers become
-    shared fake-quantize calls, one row per block: the kernel the linears' activations already use
-    where format and dtype match, so quantized attention adds no kernel of its own; the ATen
-    matmuls, the mask and the softmax stay in the model's graph, as inlined. Otherwise (a partial
-    block, e.g. ViT's 197 tokens, or a symbolic length) each width would need a kernel, and one
-    static-shape attention kernel (`mxfx::shared_attention`) compiles faster. First compile,
-    4 layers, quantized attention, side by side: SmolLM2 26.9 -> 14.9 s, nanoGPT 15.7 -> 14.0 s."""
+    """`mxfx::attention` under the shared kernels. Where every quantized operand's axis (head_dim
+    for Q and K, the key axis for P and V) has a static length, its four quantizers become shared
+    fake-quantize calls, one row per MX block (a partial block padded: `_shared_operand`): the
+    kernel the linears' activations already use where format and dtype match, so quantized
+    attention adds no kernel of its own; the ATen matmuls, the mask and the softmax stay in the
+    model's graph, as inlined. A symbolic length keeps one static-shape attention kernel
+    (`mxfx::shared_attention`). First compile, 4 layers, quantized attention, side by side: SmolLM2
+    26.9 -> 14.9 s, nanoGPT 15.7 -> 14.0 s."""
     args = (query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, key_spec, value_spec, probs_spec)
-    if (_whole_blocks(query.shape[-1], query_spec) and _whole_blocks(key.shape[-1], key_spec)
-            and _whole_blocks(key.shape[-2], probs_spec) and _whole_blocks(value.shape[-2], value_spec)):
+    if (_static_length(query.shape[-1], query_spec) and _static_length(key.shape[-1], key_spec)
+            and _static_length(key.shape[-2], probs_spec) and _static_length(value.shape[-2], value_spec)):
         return attention_reference(*args, quantizer=_shared_operand)
     return torch.ops.mxfx.shared_attention(*args)
 

@@ -97,6 +97,24 @@ def test_packed_codes_of_whole_blocks_round_trip_through_the_per_block_rows(fres
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt, block, width", [("fp6_e3m2", 6, 12), ("fp4_e2m1", 1, 17)])
+def test_blocks_whose_codes_do_not_fill_whole_bytes_keep_whole_rows(fresh_dynamo, fmt, block, width):
+    # fp6 packs 4 codes into 3 bytes and fp4 2 into 1: a block of 6 (or 1) codes would pad each
+    # per-block row to the packing group, so its codes are not the row's (hypothesis found fp6
+    # with block 1: 3 bytes a block against 15 for 17 codes); these keep (rows, n)
+    x = torch.randn(5, width) * 8
+
+    def round_trip(t):
+        codes, scales = torch.ops.mxfx.quantize(t, fmt, block, -1, "floor", "even", 0, False)
+        return codes, scales, torch.ops.mxfx.dequantize(codes, scales, fmt, block, -1, [5, width], torch.float32)
+
+    eager = round_trip(x)
+    compiled, code = run_and_get_code(torch.compile(round_trip, fullgraph=True), x)
+    assert shared_calls(code[0]) == 2, code[0]
+    assert all(bits_equal(a, b) for a, b in zip(compiled, eager))
+
+
+@pytest.mark.slow
 def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
     torch.manual_seed(0)
     x = torch.randn(6, 10, 80, dtype=torch.bfloat16)  # a partial block; bf16 in and out
@@ -116,7 +134,7 @@ def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
 
     eager = ops(x, q, k, v)
     shared, code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
-    assert shared_calls(code[0]) == 6, code[0]
+    assert shared_calls(code[0]) == 9, code[0]  # attention: its four operand quantizers
     torch._dynamo.reset()
     with mxfx.fused_kernels():
         fused, fused_code = run_and_get_code(torch.compile(ops, fullgraph=True), x, q, k, v)
@@ -127,8 +145,14 @@ def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
             assert bits_equal(a, b), i
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    # the attention output keeps SDPA's layout (the fake impl's strides) through the shared call
+    # the attention output keeps SDPA's layout (the fake impl's strides) through the shared calls
     assert shared[5].stride() == eager[5].stride()
+    # symbolic lengths: one attention kernel (the padding of a symbolic length is not static)
+    torch._dynamo.reset()
+    attention = torch.compile(lambda q, k, v: ops(x, q, k, v)[5], fullgraph=True, dynamic=True)
+    out, code = run_and_get_code(attention, q, k, v)
+    assert "torch.ops.mxfx.shared_attention.default(" in code[0], code[0]
+    assert bits_equal(out, shared[5]) and out.stride() == eager[5].stride()
 
 
 @pytest.mark.slow
@@ -213,10 +237,11 @@ def test_a_failing_kernel_compile_names_the_kernel_and_the_way_out(fresh_dynamo,
 
 
 @pytest.mark.slow
-def test_attention_of_whole_blocks_reuses_the_activation_kernel(fresh_dynamo, monkeypatch):
+def test_attention_reuses_the_activation_kernel_with_partial_blocks_padded(fresh_dynamo, monkeypatch):
     # Where whole blocks tile head_dim and the key axis, attention's four operand quantizers are
     # shared fake-quantize calls (one row per block): the kernel the linears' fp32 activations use,
-    # so attention compiles no kernel of its own. A partial block (40 keys) keeps one static kernel.
+    # so attention compiles no kernel of its own. A partial block (40 keys) is padded with zeros to
+    # a whole one first: the same bits (the numerics pad so too), the same kernel.
     monkeypatch.setattr(kernels, "_KERNELS", {})
     spec = "fp8_e4m3/32/floor/even"
     torch.manual_seed(0)
@@ -243,7 +268,36 @@ def test_attention_of_whole_blocks_reuses_the_activation_kernel(fresh_dynamo, mo
     assert bits_equal(shared, fused)  # the same math, compiled the same way around the quantizers
     torch.testing.assert_close(shared, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    q, k, v = (torch.randn(2, 3, 40, 32) for _ in range(3))  # 40 keys: a partial block for P and V
-    out, code = run_and_get_code(torch.compile(attention, fullgraph=True), q, k, v, None)
-    assert "shared_attention" in code[0]
-    torch.testing.assert_close(out, attention(q, k, v, None), rtol=1e-5, atol=1e-5)
+    # 40 keys: P's and V's second blocks are partial; stochastic rounding, whose counter runs over
+    # the padded blocks, and a format whose kernel is new (so exactly one more)
+    stochastic = "fp6_e2m3/32/floor/stochastic"
+
+    def padded(q, k, v, mask):
+        return torch.ops.mxfx.attention(q, k, v, mask, False, None, False, spec, spec, stochastic, stochastic)
+
+    q, k, v = (torch.randn(2, 3, 40, 32) for _ in range(3))
+    mask = torch.randn(40, 40) > -1.0
+    shared, code = run_and_get_code(torch.compile(padded, fullgraph=True), q, k, v, mask)
+    assert shared_calls(code[0]) == 4 and "shared_attention" not in code[0], code[0]
+    assert len(kernels.compiled_kernels()) == 2, kernels.compiled_kernels()
+    torch._dynamo.reset()
+    with mxfx.fused_kernels():
+        fused = torch.compile(padded, fullgraph=True)(q, k, v, mask)
+    assert bits_equal(shared, fused)
+    torch.testing.assert_close(shared, padded(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_padded_attention_operand_is_the_references_bits():
+    # the operand quantizer alone, eager: padding + the per-block shared kernel == the reference's
+    # own zero padding, bit for bit, along both axes attention quantizes, for every rounding
+    from mxfx.attention import quantize_operand
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 45, 70) * 3
+    for rounding in ("even", "away", "toward_zero", "stochastic"):
+        spec = f"fp4_e2m1/32/floor/{rounding}"
+        for axis in (-1, -2):
+            ours = quantize_operand(x, spec, axis, quantizer=kernels._shared_operand)
+            assert bits_equal(ours, quantize_operand(x, spec, axis)), (rounding, axis)
+
