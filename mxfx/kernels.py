@@ -10,21 +10,26 @@ arguments, compiled on its first call and reused by every site and every layer:
 
 - quantizers (fake_quantize, quantize, dequantize) see their tensor as 2-D with the block axis
   last, one row per MX block where whole blocks tile it (else (rows, n)), and the row count
-  symbolic (`torch._dynamo.mark_dynamic`), so every activation and every weight of a format
-  shares one kernel whatever its width;
-- attention's four operand quantizers become such calls where whole blocks tile their axes (so
-  attention adds no kernel of its own), else attention is one kernel compiled for static shapes
-  (its layers share them; a symbolic-shape attention kernel measured 4x slower to compile);
+  symbolic, so every activation and every weight of a format shares one kernel whatever its
+  width;
+- attention's four operand quantizers become such calls, a partial block zero-padded to a whole
+  one in the model's graph (so attention adds no kernel of its own); only where a length is
+  symbolic is attention one kernel compiled for static shapes (its layers share them; a
+  symbolic-shape attention kernel measured 4x slower to compile);
 - linear and matmul become shared quantizers around the ATen GEMM, as they are inlined.
 
 The kernels trace the same reference math as eager (`mxfx.numerics`, `mxfx.attention`) with the
 same realize hints, so eager == compiled stays bit for bit (the test suite checks both paths).
-What a site loses: fusion with its neighbours (a quantizer's input is realized either way; see
-`mxfx.ops._realizing`) and ~60-120 us of dispatch per call on a 2-core CPU (the Python custom op and
-Dynamo's guard check: a 512x512 fake-quantize, 2 threads, 241 us called directly vs 121 us inlined),
-~1-2% of a transformer layer at a few hundred tokens, more when a call carries only a few tokens.
-(Composing attention from shared operand quantizers instead of one kernel per shape compiled
-slower: six kernels of ~2.5 s each against one of ~5 s.) `fused_kernels()` compiles with the
+A kernel is traced to ATen on fake tensors and compiled by Inductor without Dynamo
+(`_compat.compile_rows_kernel`): a call runs no Dynamo frame and checks no guards; what Dynamo
+would guard (dtype, device, the static sizes, rows >= 2, contiguity) is the kernel's key, and a
+compile that assumes anything else of the sizes is refused. What a site loses: fusion with its
+neighbours (a quantizer's input is realized either way; see `mxfx.ops._realizing`) and ~25 us of
+dispatch per call on a 2-core CPU (the op's Python kernel, the reshapes, Inductor's wrapper: a
+64x32 fake-quantize, 2 threads, 28 us, of which ~5 us arithmetic; as a Dynamo frame and a
+`custom_op` it was 84 us), well under 1% of a transformer layer at a few hundred tokens.
+(Composing attention from operand quantizers was slower to compile while kernels were per width:
+six kernels of ~2.5 s each against one of ~5 s; one row per block made them one.) `fused_kernels()` compiles with the
 inlined decompositions instead (on other devices they are the only path: per-call dispatch is
 too dear next to a GPU kernel); so do Inductor freezing (`mxfx.frozen_weights`, which must see
 the weight dequantize to fold it) and ahead-of-time compilation (no Python at run time).
@@ -35,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import types
 from collections.abc import Callable
 
 import torch
@@ -115,32 +119,27 @@ def _attention(query, key, value, attn_mask, *static):
     return attention_reference(query, key, value, attn_mask, *static, hint=_realize)
 
 
-def _compiled(math: Callable, static: tuple, dynamic_rows: bool) -> Callable:
-    """`math(*tensors, *static)` compiled, as a function of its tensors.
+def _compiled(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...], dynamic_rows: bool) -> Callable:
+    """`math(*tensors, *static)` compiled for tensors like `tensors` (None where they are None),
+    as a function of the tensors: traced and compiled without Dynamo (`_compat.compile_rows_kernel`),
+    so a call runs no Dynamo frame or guards; what Dynamo would guard is in the kernel's key."""
+    absent = [i for i, t in enumerate(tensors) if t is None]
 
-    Each kernel gets a code object of its own: Dynamo caches compiled code per code object, with a
-    recompile limit (8) after which it runs the frame eagerly, so kernels sharing one code object
-    would silently stop compiling after the eighth.
-    """
+    def kernel(*present):
+        full = list(present)
+        for i in absent:
+            full.insert(i, None)
+        return math(*full, *static)
 
-    def kernel(*tensors):
-        return math(*tensors, *static)
-
-    code = kernel.__code__.replace(co_name=f"mxfx_{math.__name__.strip('_')}_{len(_KERNELS)}")
-    fresh = types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
     # Inductor's CPU backend splits a loop over threads only if the first call's size hint is big
     # enough, and its cache hands that code to every row count: with `dynamic_threads` the outer
     # loop is always an OpenMP loop, its thread count read at run time (a kernel first called on a
     # few rows ran every later site on one thread: 2048x2048, 2 threads, 3.6 vs 2.0 ms).
-    compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})
+    compiled = _compat.compile_rows_kernel(kernel, [t for t in tensors if t is not None], dynamic_rows,
+                                           {"cpp.dynamic_threads": True})
 
     def run(*tensors):
-        if dynamic_rows:
-            torch._dynamo.mark_dynamic(tensors[0], 0)
-            for t in tensors[1:]:
-                torch._dynamo.mark_dynamic(t, 0)
-        with _compat.below_autograd():  # one dispatch state for every call, so Dynamo's guards hold
-            return compiled(*tensors)
+        return compiled(*(t for t in tensors if t is not None))
 
     return run
 
@@ -149,16 +148,19 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
     """Run `math` on `tensors` through the shared kernel for (math, static, the tensors' kinds)."""
     if torch.compiler.is_compiling():  # traced, not run: the reference math itself
         return math(*tensors, *static)
-    dynamic_rows = math is not _attention and tensors[0].shape[0] >= 2  # Dynamo specializes sizes 0 and 1
+    tensors = tuple(None if t is None else t.contiguous() for t in tensors)  # the layout compiled for
+    rows = {t.shape[0] for t in tensors if t is not None}
+    # one symbolic row count (>= 2: 0 and 1 are specialized) where the tensors share it
+    dynamic_rows = math is not _attention and len(rows) == 1 and min(rows) >= 2
     kinds = tuple(None if t is None else (t.dtype, t.device, tuple(t.shape[1:]),
                                           None if dynamic_rows else (tuple(t.shape), t.stride())) for t in tensors)
     key = (math.__name__, static, kinds)
-    kernel = _KERNELS.get(key)
-    if kernel is None:
-        _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
-        with _LOCK:
-            kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, dynamic_rows))
     try:
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
+            with _LOCK:
+                kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, tensors, dynamic_rows))
         return kernel(*tensors)
     except Exception as error:  # say which kernel and what to try
         raise MXFXError(f"the shared mxfx kernel {math.__name__.strip('_')}{static} failed (compiled on first use): "

@@ -375,6 +375,13 @@ def _at_dtype_boundary(x32: Tensor, hint: Callable[[Tensor], Tensor] | None) -> 
     return x32 if hint is None else hint(x32)
 
 
+def _pad_last(x: Tensor, pad: int) -> Tensor:
+    """x with `pad` zeros appended along the last axis. A concatenation, not `F.pad`: traced on
+    fake tensors without Dynamo (`mxfx.kernels`), the pad's C++ reads concrete sizes and so fixes
+    a symbolic row count."""
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], dim=-1)
+
+
 def _scaled_blocks(
     x: Tensor, fmt: ElementFormat, block_size: int, scale_mode: str, flush_subnormals: bool, rounding: str = "even",
     hint: Callable[[Tensor], Tensor] | None = None,
@@ -387,7 +394,7 @@ def _scaled_blocks(
     n_blocks = (x.shape[-1] + block_size - 1) // block_size
     pad = n_blocks * block_size - x.shape[-1]
     if pad:  # a partial trailing block is padded with zeros, which never change max|V|
-        x32 = torch.nn.functional.pad(x32, (0, pad))
+        x32 = _pad_last(x32, pad)
     blocks = x32.reshape(*x32.shape[:-1], n_blocks, block_size)
     # amax propagates NaN (eager and Inductor alike); only this per-block value is bit-cast.
     amax = blocks.abs().amax(dim=-1, keepdim=True)
@@ -425,7 +432,7 @@ def quantize_last_axis(
     codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
     group_pad = (-codes.shape[-1]) % packing_group(fmt)
     if group_pad:
-        codes = torch.nn.functional.pad(codes, (0, group_pad))
+        codes = _pad_last(codes, group_pad)
     if packing_group(fmt) > 1 and hint is not None:
         # Under Inductor, realize the one-byte codes before packing: inlined into the packing loop
         # (MXFP6 gathers four codes per three bytes), the encode ran ~7x slower (4096x4096 fp32

@@ -158,7 +158,7 @@ def test_shared_ops_equal_eager_and_the_fused_path_bitwise(fresh_dynamo):
 @pytest.mark.slow
 def test_kernels_beyond_dynamos_recompile_limit_still_compile(fresh_dynamo, caplog):
     # Dynamo stops compiling a code object after 8 recompiles and runs it eagerly, silently but for
-    # a log line: each kernel has a code object of its own, so the tenth seed still compiles.
+    # a log line: kernels are compiled without a Dynamo frame, so the tenth seed still compiles.
     x = torch.randn(4, 32)
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
         for seed in range(10):
@@ -170,12 +170,17 @@ def test_kernels_beyond_dynamos_recompile_limit_still_compile(fresh_dynamo, capl
 
 
 @pytest.mark.slow
-def test_a_compiled_model_compiles_nothing_after_its_first_call(fresh_dynamo):
+def test_a_compiled_model_compiles_nothing_after_its_first_call(fresh_dynamo, monkeypatch):
     # An Inductor graph's first run calls its fallback ops in another dispatch state than later
-    # runs: without a fixed state (`_compat.below_autograd`) Dynamo's dispatch-key guard failed on
-    # the second call and every shared kernel compiled again (~1 s each).
+    # runs: while kernels were Dynamo frames, its dispatch-key guard failed on the second call and
+    # every shared kernel compiled again (~1 s each). Kernels now have no guards; this counts
+    # their compiles and the model's.
     from torch._dynamo.utils import counters
 
+    builds = []
+    compile_rows_kernel = kernels._compat.compile_rows_kernel
+    monkeypatch.setattr(kernels._compat, "compile_rows_kernel", lambda *a: builds.append(1) or compile_rows_kernel(*a))
+    monkeypatch.setattr(kernels, "_KERNELS", {})
     torch.manual_seed(0)
     model = NanoGPT(vocab=64, d=64, n_layer=1, n_head=2, block_size=32).eval()
     ids = torch.randint(0, 64, (2, 32))
@@ -184,11 +189,11 @@ def test_a_compiled_model_compiles_nothing_after_its_first_call(fresh_dynamo):
     compiled = torch.compile(mxfx.prepare(model, config, (ids,)))
     with torch.no_grad():
         compiled(ids)
-        frames = counters["stats"]["unique_graphs"]
-        assert frames >= 2  # the model, and at least one kernel
+        frames, built = counters["stats"]["unique_graphs"], len(builds)
+        assert frames >= 1 and built == 2  # the model; the fake-quantize and dequantize kernels
         compiled(ids)
         compiled(ids)
-    assert counters["stats"]["unique_graphs"] == frames
+    assert counters["stats"]["unique_graphs"] == frames and len(builds) == built
 
 
 def test_a_kernel_first_compiled_for_a_few_rows_still_runs_its_rows_in_parallel(fresh_dynamo, monkeypatch):
@@ -207,6 +212,21 @@ def test_a_kernel_first_compiled_for_a_few_rows_still_runs_its_rows_in_parallel(
                       torch.ops.mxfx.fake_quantize(big, "fp8_e5m2", 32, -1, "floor", "even", 0, False))
     assert len(kernels.compiled_kernels()) == 1 and bits_equal(out, torch.ops.mxfx.fake_quantize(
         x, "fp8_e5m2", 32, -1, "floor", "even", 0, False))
+
+
+def test_a_kernel_compile_that_assumes_a_size_is_refused():
+    # Kernels run with no guards, so a compile that fixed a symbolic size would silently give
+    # wrong results for other sizes: only "these row counts are equal" is accepted.
+    from mxfx import _compat
+
+    def specializes(t):
+        return t + 1 if t.shape[0] == 8 else t
+
+    with pytest.raises(RuntimeError, match=r"assumed Eq\(s\d+, 8\)"):
+        _compat.compile_rows_kernel(specializes, [torch.randn(8, 4)], True, {})
+    scale = _compat.compile_rows_kernel(lambda t, s: t * s, [torch.randn(8, 4), torch.randn(8, 1)], True, {})
+    t, s = torch.randn(20, 4), torch.randn(20, 1)
+    assert torch.equal(scale(t, s), t * s)  # equal row counts (broadcasting): accepted, any count
 
 
 def test_fused_kernels_inlines_the_ops_and_keys_the_caches_apart(fresh_dynamo):
@@ -231,7 +251,7 @@ def test_a_failing_kernel_compile_names_the_kernel_and_the_way_out(fresh_dynamo,
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(kernels, "_KERNELS", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    monkeypatch.setattr(kernels._compat, "compile_rows_kernel", broken)
     with pytest.raises(mxfx.MXFXError, match=r"fake_quantize_2d.*no C\+\+ compiler.*mxfx.fused_kernels"):
         torch.ops.mxfx.shared_fake_quantize(torch.randn(4, 32), "fp8_e4m3", 32, -1, "floor", "even", 0, False)
 
