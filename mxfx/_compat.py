@@ -361,6 +361,45 @@ def register_realize_lowering(op: torch._ops.OpOverload) -> None:
         return x
 
 
+def register_deduplicated_fallback(op: torch._ops.OpOverload) -> None:
+    """Lower the pure op `op` as Inductor's implicit fallback kernel would (same layout
+    constraint), except that within one graph a call with the same input buffers (name and layout)
+    and arguments as an earlier one reuses its output. HF models feed one normalised activation to
+    several linears (query, key and value; gate and up), each with its own activation quantizer:
+    in the post-AOT graph these are identical calls on one buffer (its inputs are not mutated
+    between uses: the graph is functional), which Inductor does not merge across fallback
+    kernels. Idempotent; imports Inductor's lowering table only when called."""
+    import weakref
+
+    from torch._inductor import ir, lowering
+    from torch._inductor.virtualized import V
+    from torch._library.utils import get_layout_constraint_tag
+
+    if op in lowering.lowerings:
+        return
+    constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+    fallback = lowering.lowerings[op]
+    outputs = weakref.WeakKeyDictionary()  # graph -> {call key: (args, output)}
+
+    def key_of(arg):
+        if isinstance(arg, ir.IRNode):
+            try:
+                return ("buffer", arg.get_name(), str(arg.get_layout()))
+            except Exception:  # an unnamed IR value: only the same object is the same input
+                return ("node", id(arg))
+        return ("value", tuple(arg) if isinstance(arg, list) else arg)
+
+    def lower(*args, **kwargs):
+        calls = outputs.setdefault(V.graph, {})
+        key = (tuple(map(key_of, args)), tuple((k, key_of(v)) for k, v in sorted(kwargs.items())))
+        if key not in calls:
+            calls[key] = (args, fallback(*args, **kwargs))  # args kept: ids stay unique while used
+        return calls[key][1]
+
+    lowering.lowerings[op] = lower
+
+
 def register_hadamard_lowering(op: torch._ops.OpOverload) -> bool:
     """Lower `mxfx::hadamard(x, block_size, axis)` on fp32 `x` to one Inductor Pointwise, so the
     rotation is computed inside the loop that consumes it instead of as buffers between stages.

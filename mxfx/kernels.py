@@ -79,8 +79,13 @@ def fused_kernels():
 
 def sharing(*tensors: Tensor | None) -> bool:
     """Whether an mxfx op on `tensors`, traced now for Inductor, becomes a shared-kernel call."""
-    return (not _FUSED.get() and _compat.inductor_runs_python_fallbacks()
-            and all(t is None or t.device.type == "cpu" for t in tensors))
+    shared = (not _FUSED.get() and _compat.inductor_runs_python_fallbacks()
+              and all(t is None or t.device.type == "cpu" for t in tensors))
+    if shared:  # identical calls on one buffer (one input, several linears) run once per graph
+        for op in (torch.ops.mxfx.shared_fake_quantize, torch.ops.mxfx.shared_quantize,
+                   torch.ops.mxfx.shared_dequantize, torch.ops.mxfx.shared_attention):
+            _compat.register_deduplicated_fallback(op.default)
+    return shared
 
 
 def compiled_kernels() -> list[str]:

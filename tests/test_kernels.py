@@ -214,6 +214,38 @@ def test_a_kernel_first_compiled_for_a_few_rows_still_runs_its_rows_in_parallel(
         x, "fp8_e5m2", 32, -1, "floor", "even", 0, False))
 
 
+@pytest.mark.slow
+def test_linears_reading_one_input_share_its_activation_quantizer(fresh_dynamo):
+    # HF attention blocks feed one normalised activation to the query, key and value linears:
+    # identical quantizer calls on one buffer run once per compiled graph; a linear whose
+    # activation format differs keeps its own call
+    class QKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(64)
+            self.q, self.k, self.v = (torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) + self.k(h) * self.v(h)
+
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 16, 64)
+    fp8 = MXSpec("fp8_e4m3")
+    for rules, calls in (((Rule(match=".*", weight=fp8, activation=fp8),), 1),
+                         ((Rule(match="^k$", weight=fp8, activation=MXSpec("fp4_e2m1")),
+                           Rule(match=".*", weight=fp8, activation=fp8)), 2)):
+        prepared = mxfx.prepare(model, QuantConfig(rules), (x,))
+        with torch.no_grad():
+            shared, code = run_and_get_code(torch.compile(prepared), x)
+            torch._dynamo.reset()
+            with mxfx.fused_kernels():
+                fused = torch.compile(prepared)(x)
+            torch._dynamo.reset()
+        assert code[0].count("torch.ops.mxfx.shared_fake_quantize.default(") == calls, code[0]
+        assert bits_equal(shared, fused)  # the same values as three quantizers inlined
+
+
 def test_a_kernel_compile_that_assumes_a_size_is_refused():
     # Kernels run with no guards, so a compile that fixed a symbolic size would silently give
     # wrong results for other sizes: only "these row counts are equal" is accepted.
