@@ -16,7 +16,9 @@ arguments, compiled on its first call and reused by every site and every layer:
   one in the model's graph (so attention adds no kernel of its own); only where a length is
   symbolic is attention one kernel compiled for static shapes (its layers share them; a
   symbolic-shape attention kernel measured 4x slower to compile);
-- linear and matmul become shared quantizers around the ATen GEMM, as they are inlined.
+- linear and matmul become shared quantizers around the ATen GEMM, as they are inlined;
+- identical calls on one buffer (the query, key and value linears of one activation) run once
+  per compiled graph (`_compat.register_deduplicated_fallback`).
 
 The kernels trace the same reference math as eager (`mxfx.numerics`, `mxfx.attention`) with the
 same realize hints, so eager == compiled stays bit for bit (the test suite checks both paths).
