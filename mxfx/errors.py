@@ -39,6 +39,10 @@ class InputGuardError(MXFXError, ValueError):
     """A prepared module was called with inputs its export does not cover (e.g. another batch size)."""
 
 
+class CheckpointError(MXFXError, ValueError):
+    """A prepared model (or one of its sites) that a checkpoint format cannot express; the message names the site."""
+
+
 class MissingDependencyError(MXFXError, ImportError):
     """An optional package or program a feature needs is not installed (the message says how to get it)."""
 
