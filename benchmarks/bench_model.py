@@ -27,16 +27,13 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's small models
-from model_zoo import NanoGPT  # noqa: E402
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing.models import NanoGPT
 
 warnings.filterwarnings("ignore")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

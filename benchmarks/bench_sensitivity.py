@@ -4,20 +4,15 @@
 """
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 import mxfx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's small models
-from model_zoo import NanoGPT  # noqa: E402
-
-from mxfx.search import measure
+from mxfx.analysis.search import measure
+from mxfx.testing.models import NanoGPT
 
 warnings.filterwarnings("ignore")
 

@@ -2,7 +2,7 @@
 
 For each architecture of the test zoo (tiny random configs, `tests/zoo_models.py`), every linear is
 prepared in MXFP8 E4M3 (weights and activations) and every attention is quantized too (Q, K, V, P in
-E4M3), then `mxfx.divergence.compare` runs the graph eagerly and through Inductor on the same inputs.
+E4M3), then `mxfx.analysis.divergence.compare` runs the graph eagerly and through Inductor on the same inputs.
 The table lists the ops that compute differently compiled on identical inputs (the origins of any
 difference), the first MX site whose input differs, and how far the outputs end apart.
 
@@ -13,18 +13,14 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import zoo_models  # noqa: E402
-
-import mxfx  # noqa: E402
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule  # noqa: E402
-from mxfx.divergence import compare  # noqa: E402
+import mxfx
+from mxfx.analysis.divergence import compare
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing import zoo as zoo_models
 
 warnings.filterwarnings("ignore")
 

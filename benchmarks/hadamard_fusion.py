@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 import mxfx  # noqa: F401  (registers the ops)
 from mxfx._compat import run_and_get_code
-from mxfx.rotation import hadamard_last_axis
+from mxfx.recovery.rotation import hadamard_last_axis
 
 
 def fq(t, fmt):

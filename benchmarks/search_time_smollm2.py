@@ -10,9 +10,9 @@ import warnings
 import torch
 
 import mxfx
-from mxfx import pretrained
-from mxfx.search import measure, normalize_candidates
-from mxfx.sensitivity import parse_candidates
+from mxfx.analysis.search import measure, normalize_candidates
+from mxfx.analysis.sensitivity import parse_candidates
+from mxfx.testing import pretrained
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")

@@ -1,15 +1,12 @@
 """Quantize a small nanoGPT-style model, look at it, save it as .pt2, load it back."""
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import mxfx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's small models
-from model_zoo import NanoGPT  # noqa: E402
+from mxfx.testing.models import NanoGPT
 
 torch.manual_seed(0)
 model, idx = NanoGPT(n_layer=2), torch.randint(0, 256, (2, 16))

@@ -20,8 +20,8 @@ from recovery_smollm2 import config  # this directory is on sys.path when run as
 from tabulate import tabulate
 
 import mxfx
-from mxfx import pretrained
-from mxfx.noise import noise_floor
+from mxfx.analysis.noise import noise_floor
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 

@@ -21,7 +21,7 @@ from recovery_smollm2 import VARIANTS, config  # this directory is on sys.path w
 from tabulate import tabulate
 
 import mxfx
-from mxfx import pretrained
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 

@@ -17,8 +17,8 @@ import torch
 from tabulate import tabulate
 
 import mxfx
-from mxfx import pretrained
-from mxfx.config import MXSpec, QuantConfig, Rule
+from mxfx.graph.config import MXSpec, QuantConfig, Rule
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 VARIANTS = ["plain", "rotation", "mse", "rotation+mse", "gptq+rotation+mse"]

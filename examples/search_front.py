@@ -15,9 +15,9 @@ import warnings
 from tabulate import tabulate
 
 import mxfx
-from mxfx import pretrained
-from mxfx.search import measure, normalize_candidates
-from mxfx.sensitivity import parse_candidates
+from mxfx.analysis.search import measure, normalize_candidates
+from mxfx.analysis.sensitivity import parse_candidates
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 CANDIDATES = "fp4_e2m1,fp4_e2m1:int8,fp6_e2m3,fp6_e2m3:int8,int8"

@@ -16,8 +16,8 @@ import warnings
 import torch
 
 import mxfx
-from mxfx import pretrained
-from mxfx.sensitivity import parse_candidates
+from mxfx.analysis.sensitivity import parse_candidates
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 CANDIDATES = "fp4_e2m1,fp4_e2m1:int8,fp6_e2m3,fp6_e2m3:int8,int8"

@@ -10,7 +10,7 @@ import time
 import warnings
 
 import mxfx
-from mxfx import pretrained
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 

@@ -14,8 +14,8 @@ import warnings
 from tabulate import tabulate
 
 import mxfx
-from mxfx import pretrained
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing import pretrained
 
 warnings.filterwarnings("ignore")
 FORMATS = ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "int8"]

@@ -109,7 +109,7 @@ def _print_progress(done: int, total: int, elapsed: float, label: str) -> None:
 
 def _cmd_sensitivity(args) -> None:
     import mxfx
-    from mxfx.sensitivity import parse_candidates
+    from mxfx.analysis.sensitivity import parse_candidates
 
     model, example = _example_inputs(args)
     if args.candidates and args.formats:
@@ -130,7 +130,7 @@ def _cmd_sensitivity(args) -> None:
 
 def _cmd_search(args) -> None:
     import mxfx
-    from mxfx.sensitivity import parse_candidates
+    from mxfx.analysis.sensitivity import parse_candidates
 
     model, example = _example_inputs(args)
     if (args.budget_bits is None) == (args.budgets is None):

@@ -30,7 +30,7 @@ from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.sites import CHECK_FAILED, LINEAR, NO_RULE, UNSUPPORTED, Site, annotate, site_of
+from mxfx.graph.sites import CHECK_FAILED, LINEAR, NO_RULE, UNSUPPORTED, Site, annotate, site_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -22,10 +22,10 @@ from mxfx.passes.rotate_linear import attribute, drop_unread
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.config import QuantConfig
 from mxfx.errors import ConfigError
-from mxfx.gptq import gptq_quantize
-from mxfx.sites import site_of
+from mxfx.graph.config import QuantConfig
+from mxfx.graph.sites import site_of
+from mxfx.recovery.gptq import gptq_quantize
 
 log = logging.getLogger(__name__)
 DONE_META = "mxfx_gptq"

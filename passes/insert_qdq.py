@@ -30,9 +30,10 @@ from mxfx.passes.match_linear_sites import linear_weight
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx import api
-from mxfx.config import MXSpec, QuantConfig
-from mxfx.sites import site_of
+from mxfx.graph.config import MXSpec, QuantConfig
+from mxfx.graph.sites import site_of
+from mxfx.numerics import api
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx

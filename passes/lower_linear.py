@@ -14,6 +14,8 @@ from mxfx.passes._utils import LOWERED_META, count_rewrites, create_call, fake_m
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+
 log = logging.getLogger(__name__)
 aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
 

@@ -29,8 +29,9 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.config import QuantConfig
-from mxfx.sites import ATTENTION, CHECK_FAILED, UNSUPPORTED, Site, annotate, decide
+from mxfx.graph.config import QuantConfig
+from mxfx.graph.sites import ATTENTION, CHECK_FAILED, UNSUPPORTED, Site, annotate, decide
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -339,7 +340,7 @@ def match_softmax(softmax: fx.Node) -> tuple[str, fx.Node | None, fx.Node | None
 class MatchAttentionSitesPass(PassBase):
     """Annotate each SDPA node, and each softmax between two attention matmuls, with its site.
 
-    Requires: an ATen graph with nn_module_stack and meta["val"]. Ensures: a `mxfx.sites.Site` on
+    Requires: an ATen graph with nn_module_stack and meta["val"]. Ensures: a `mxfx.graph.sites.Site` on
     each SDPA node and each softmax that is (or looks like, then with status CHECK_FAILED or
     UNSUPPORTED and a reason) explicit attention, with `form` the score product ("matmul", "bmm",
     "baddbmm", "einsum") and `nodes` = (QK^T, PV) product nodes; the graph is unchanged;

@@ -10,8 +10,8 @@ from mxfx.passes._utils import LOWERED_META, QDQ_DONE_META, count_rewrites, line
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.config import QuantConfig
-from mxfx.sites import CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, decide, site_of
+from mxfx.graph.config import QuantConfig
+from mxfx.graph.sites import CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, decide, site_of
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class MatchLinearSitesPass(PassBase):
     """Annotate each `aten.linear` whose weight is a parameter expression with its site and rule.
 
     Requires: linears canonicalized to `aten.linear` (CanonicalizeLinearPass), nn_module_stack.
-    Ensures: a `mxfx.sites.Site` on every linear site (status from the first matching rule,
+    Ensures: a `mxfx.graph.sites.Site` on every linear site (status from the first matching rule,
     NO_RULE if none); candidates CanonicalizeLinearPass left UNSUPPORTED / CHECK_FAILED keep
     their status and get the rule that would have decided them (for prepare's warning); the
     graph itself is unchanged; `modified` is True only when an annotation was added or changed.

@@ -20,9 +20,10 @@ from mxfx.passes.match_attention_sites import SDPA, contraction_axes, product_op
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.config import MXSpec, QuantConfig
 from mxfx.errors import MXFXError
-from mxfx.sites import SITE_META, site_of
+from mxfx.graph.config import MXSpec, QuantConfig
+from mxfx.graph.sites import SITE_META, site_of
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 
 log = logging.getLogger(__name__)
 aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx

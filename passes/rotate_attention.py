@@ -23,8 +23,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx import _compat
-from mxfx.config import QuantConfig
-from mxfx.sites import ATTENTION, CHECK_FAILED, annotate, site_of
+from mxfx.graph.config import QuantConfig
+from mxfx.graph.sites import ATTENTION, CHECK_FAILED, annotate, site_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -26,9 +26,9 @@ from mxfx.passes.match_linear_sites import linear_weight
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.config import QuantConfig
-from mxfx.rotation import rotate_weight
-from mxfx.sites import CHECK_FAILED, annotate, site_of
+from mxfx.graph.config import QuantConfig
+from mxfx.graph.sites import CHECK_FAILED, annotate, site_of
+from mxfx.recovery.rotation import rotate_weight
 
 log = logging.getLogger(__name__)
 DONE_META = "mxfx_rotated"  # node.meta key: the Hadamard block size applied to this linear

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mxfx
-from mxfx.numerics import pack_codes, unpack_codes
+from mxfx.numerics.reference import pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("name,bytes_per_32", [("fp8_e4m3", 32), ("fp6_e3m2", 24), ("fp4_e2m1", 16), ("int8", 32)])

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bits_equal
-from model_zoo import CausalSelfAttention, NanoGPT
 from mxfx.passes.match_attention_sites import MatchAttentionSitesPass, einsum_contraction
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
 from zoo_reference import e4m3_fake_quantize
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
-from mxfx.sites import graph_sites
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.sites import graph_sites
+from mxfx.testing.models import CausalSelfAttention, NanoGPT
 
 E4M3, INT8 = MXSpec("fp8_e4m3"), MXSpec("int8", block_size=16)
 

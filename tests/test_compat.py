@@ -18,7 +18,7 @@ from torch._inductor.codegen.cpp import CppScheduling
 
 import mxfx
 from mxfx import _compat
-from mxfx.numerics import fake_quantize_last_axis
+from mxfx.numerics.reference import fake_quantize_last_axis
 
 
 def _scale_partial_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_environment_switch_turns_the_guard_off():
 
 
 def test_compile_caches_are_keyed_on_the_mx_sources():
-    from mxfx.ops import _source_digest
+    from mxfx.numerics.ops import _source_digest
 
     digest = _source_digest()
     assert f"mxfx-{digest}" in torch.compiler.config.cache_key_tag.split("+")

@@ -3,7 +3,7 @@
 import pytest
 
 import mxfx
-from mxfx.config import MXSpec, QuantConfig, Rule, config_from_dict, load_config
+from mxfx.graph.config import MXSpec, QuantConfig, Rule, config_from_dict, load_config
 
 
 def write(tmp_path, text: str):

@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 from conftest import bits_equal
-from model_zoo import NanoGPT
 
 import mxfx
-from mxfx import kernels
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.numerics import kernels
+from mxfx.testing.models import NanoGPT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -8,7 +8,7 @@ from conftest import FORMAT_NAMES
 from scalar_reference import decode_code, positive_grid
 
 import mxfx
-from mxfx.numerics import decode_elements, encode_elements
+from mxfx.numerics.reference import decode_elements, encode_elements
 
 SPEC_TABLE = {  # MX_SPEC.md: (max normal, min normal, min subnormal, emax)
     "fp8_e4m3": (448.0, 2.0**-6, 2.0**-9, 8),

@@ -11,11 +11,11 @@ import torch
 from conftest import FORMAT_NAMES, bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_zoo import MLP, CausalSelfAttention
 from scalar_reference import fake_quantize_block
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing.models import MLP, CausalSelfAttention
 
 E4M3 = MXSpec("fp8_e4m3")
 ALL = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3),))
@@ -116,7 +116,7 @@ def test_unusual_tensors_give_the_spec_result(name, make, fmt):
 
 
 def test_inf_input_warns_once():
-    from mxfx import api
+    from mxfx.numerics import api
 
     api._WARNED_INF.clear()  # "once" is per process: start from a clean slate
     x = torch.randn(4, 64)
@@ -371,8 +371,8 @@ def test_threads_prepare_concurrently_like_sequentially():
 
 
 def test_deliberate_errors_outside_the_numerics_are_mxfx_errors():
+    from mxfx.analysis.metrics import MetricAccumulator
     from mxfx.cli import load_factory, parse_inputs
-    from mxfx.metrics import MetricAccumulator
 
     with pytest.raises(mxfx.MXValueError, match="Site.kind"):
         mxfx.Site(fqn="a", kind="conv", form="linear", node="n")

@@ -1,5 +1,5 @@
 """Hugging Face BERT and Llama built from small configs with random weights (offline): both
-attention implementations ("sdpa" rewritten to mxfx.attention, "eager" matmuls quantized in place)
+attention implementations ("sdpa" rewritten to mxfx.numerics.attention, "eager" matmuls quantized in place)
 quantize the same operands, the output objects survive, and compile == eager."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,7 +95,7 @@ def test_explicit_and_fused_attention_agree(name):
     QuantizeAttentionPass) and with "sdpa" (the fused mxfx.attention op, whose reference is written
     separately) gives the same output with every linear and attention quantized. BLOOM has no SDPA
     implementation: its baddbmm form is compared with the hand reference in test_attention."""
-    import zoo_models
+    from mxfx.testing import zoo as zoo_models
 
     everything = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3,
                                    attention=AttentionSpec(E4M3, E4M3, E4M3, E4M3)),))

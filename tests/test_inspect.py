@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import torch
 from conftest import bits_equal
-from model_zoo import MLP, NanoGPT
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing.models import MLP, NanoGPT
 
 E4M3 = MXSpec("fp8_e4m3")
 
@@ -168,7 +168,7 @@ def test_cli_formats_quantize_inspect_and_exit_codes(tmp_path):
     assert result.returncode == 0 and "fp6_e2m3" in result.stdout
     (tmp_path / "cli_models.py").write_text(textwrap.dedent("""
         import torch
-        from model_zoo import MLP
+        from mxfx.testing.models import MLP
         def mlp():
             return MLP(), (torch.randn(4, 64),)
         def bare():

@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 from conftest import bits_equal
-from model_zoo import NanoGPT
 
 import mxfx
-from mxfx import kernels
 from mxfx._compat import run_and_get_code
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.numerics import kernels
+from mxfx.testing.models import NanoGPT
 
 
 def shared_calls(source: str) -> int:
@@ -343,7 +343,7 @@ def test_attention_reuses_the_activation_kernel_with_partial_blocks_padded(fresh
 def test_a_padded_attention_operand_is_the_references_bits():
     # the operand quantizer alone, eager: padding + the per-block shared kernel == the reference's
     # own zero padding, bit for bit, along both axes attention quantizes, for every rounding
-    from mxfx.attention import quantize_operand
+    from mxfx.numerics.attention import quantize_operand
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 45, 70) * 3

@@ -25,8 +25,8 @@ from scalar_reference import positive_grid, shared_exponent
 from torch import nn
 
 import mxfx
-from mxfx.config import MXSpec, QuantConfig, Rule
-from mxfx.sites import CHECK_FAILED, LINEAR, NO_RULE, QUANTIZED, SKIPPED, UNSUPPORTED
+from mxfx.graph.config import MXSpec, QuantConfig, Rule
+from mxfx.graph.sites import CHECK_FAILED, LINEAR, NO_RULE, QUANTIZED, SKIPPED, UNSUPPORTED
 
 W_FMT, A_FMT = "fp6_e3m2", "fp8_e4m3"
 
@@ -501,7 +501,7 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(MaskedWeight(), (torch.randn(2, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("proj", "linear", UNSUPPORTED)]
     assert "computed by aten.mul.Tensor" in sites[0].reason
-    from mxfx.config import AttentionSpec
+    from mxfx.graph.config import AttentionSpec
 
     spec = MXSpec(A_FMT)
     cfg = QuantConfig((Rule(match=".*", attention=AttentionSpec(spec, spec, spec, spec)),))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import mxfx
-from mxfx.noise import NoiseFloor
-from mxfx.search import Front, FrontPoint, SearchResult
-from mxfx.sensitivity import SensitivityReport
+from mxfx.analysis.noise import NoiseFloor
+from mxfx.analysis.search import Front, FrontPoint, SearchResult
+from mxfx.analysis.sensitivity import SensitivityReport
 
 FP8, FP4 = ("fp8_e4m3", "fp8_e4m3"), ("fp4_e2m1", "fp8_e4m3")
 CANDIDATES = [FP8, FP4]
@@ -220,7 +220,7 @@ def test_sensitivity_marks_rows_within_the_floor_of_no_change(monkeypatch, tmp_p
         assert report.floor(candidate)["loss"] == hand_spread(runs, "mse") > 0
         assert report.floor(candidate)["sqnr"] == hand_spread(runs, "sqnr")
         # ... of the model with *every* site quantized: the same perturbations through mxfx.evaluate
-        rule = mxfx.config.Rule(match=".*", weight=mxfx.MXSpec(candidate[0]), activation=mxfx.MXSpec(candidate[1]))
+        rule = mxfx.graph.config.Rule(match=".*", weight=mxfx.MXSpec(candidate[0]), activation=mxfx.MXSpec(candidate[1]))
         everything = mxfx.evaluate(model, x, mxfx.QuantConfig((rule,)), noise=3)
         assert report.floor(candidate)["loss"] == everything["spread"]["mse"]
     marks = {}

@@ -94,7 +94,7 @@ def kernel_count(code: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FORMAT_NAMES)
 def test_compiled_fake_quantize_is_one_kernel_and_bitwise_equal(name, fresh_dynamo, kernel_path, monkeypatch):
-    from mxfx import kernels
+    from mxfx.numerics import kernels
 
     x = torch.randn(64, 256) * torch.exp(torch.randn(64, 256) * 3)
     x[0, 0], x[1, 40], x[2, :32] = float("nan"), float("inf"), 0.0
@@ -192,7 +192,7 @@ def test_property_compiled_equals_eager(shape, data, name, block, dtype, roundin
 @pytest.mark.slow
 def test_frozen_weights_fold_the_packed_dequantize_bit_exactly(fresh_dynamo):
     # issue #15: packed weights are dequantized on every call unless the compile freezes them.
-    from mxfx.config import MXSpec, QuantConfig, Rule
+    from mxfx.graph.config import MXSpec, QuantConfig, Rule
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 40)).eval()

@@ -9,7 +9,7 @@ from conftest import bits_equal
 
 import mxfx
 from mxfx._compat import run_and_get_code
-from mxfx.config import MXSpec, QuantConfig, Rule
+from mxfx.graph.config import MXSpec, QuantConfig, Rule
 
 # These tests read the code of the inlined path (`mxfx.fused_kernels`); test_kernels.py covers the
 # shared kernels that are the CPU default.
@@ -130,9 +130,9 @@ def test_model_run_modes_copy_the_graph_once_per_run_not_per_measurement(monkeyp
     import copy
     import importlib
 
-    from model_zoo import MLP
+    from mxfx.testing.models import MLP
 
-    sensitivity = importlib.import_module("mxfx.sensitivity")  # (mxfx.sensitivity is also the function)
+    sensitivity = importlib.import_module("mxfx.analysis.sensitivity")  # (mxfx.sensitivity is also the function)
 
     torch.manual_seed(0)
     model = MLP().eval()
@@ -198,7 +198,7 @@ def test_eager_binade_reads_the_exponent_bits_and_cpu_compiled_code_stays_float(
     # generates for the CPU runs bit casts through a scalar loop, so it keeps the float split.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mxfx.numerics import _VELTKAMP_ONE_BIT, fake_quantize_last_axis
+    from mxfx.numerics.reference import _VELTKAMP_ONE_BIT, fake_quantize_last_axis
 
     x = torch.randn(64, 256)
     full_size = []

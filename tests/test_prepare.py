@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bits_equal
-from model_zoo import MLP, FunctionalLinear, NanoGPT, TiedLM
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 
 import mxfx
-from mxfx.config import MXSpec, QuantConfig, Rule
+from mxfx.graph.config import MXSpec, QuantConfig, Rule
+from mxfx.testing.models import MLP, FunctionalLinear, NanoGPT, TiedLM
 
 E4M3, E3M2 = MXSpec("fp8_e4m3"), MXSpec("fp6_e3m2")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 
-pretrained = pytest.importorskip("mxfx.pretrained")
+pretrained = pytest.importorskip("mxfx.testing.pretrained")
 pytest.importorskip("transformers")
 
 

@@ -21,11 +21,11 @@ from conftest import bits_equal
 
 import mxfx
 from mxfx import _compat
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule, config_from_dict
 from mxfx.errors import ConfigError, MXValueError
-from mxfx.gptq import gptq_quantize
-from mxfx.rotation import hadamard_last_axis
-from mxfx.sites import CHECK_FAILED
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule, config_from_dict
+from mxfx.graph.sites import CHECK_FAILED
+from mxfx.recovery.gptq import gptq_quantize
+from mxfx.recovery.rotation import hadamard_last_axis
 
 FORMATS = ["fp8_e4m3", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "int8"]
 
@@ -66,7 +66,7 @@ def test_hadamard_is_the_sylvester_matrix(block):
 def test_rotated_linear_is_exact_without_quantization():
     x, w, b = torch.randn(7, 96), torch.randn(40, 96), torch.randn(40)
     for block in (2, 8, 32):
-        wr = mxfx.rotation.rotate_weight(w, block)
+        wr = mxfx.recovery.rotation.rotate_weight(w, block)
         y = torch.nn.functional.linear(torch.ops.mxfx.hadamard(x, block, -1), wr, b)
         assert torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-6)
 
@@ -179,7 +179,7 @@ def _rotate_only(module, inputs, block: int):
     """The exported module with only the matching passes and RotateAttentionPass applied (no quantization)."""
     from mxfx.passes.rotate_attention import RotateAttentionPass
 
-    from mxfx.prepare import matching_passes
+    from mxfx.graph.prepare import matching_passes
 
     spec = MXSpec("fp4_e2m1", block_size=block)
     config = QuantConfig((Rule(".*", attention=AttentionSpec(query=spec, key=spec), attention_rotation="hadamard"),))

@@ -9,11 +9,11 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-from model_zoo import FragileMLP, NanoGPT
 
 import mxfx
-from mxfx.search import bits_per_element, measure, to_toml
-from mxfx.solver import solve
+from mxfx.analysis.search import bits_per_element, measure, to_toml
+from mxfx.analysis.solver import solve
+from mxfx.testing.models import FragileMLP, NanoGPT
 
 TESTS = os.path.dirname(os.path.abspath(__file__))  # for subprocesses: model_zoo lives here
 
@@ -146,7 +146,7 @@ def test_causal_lms_get_the_next_token_cross_entropy():
 
 
 def test_encoders_and_masked_lms_are_not_taken_for_causal_lms():
-    from mxfx.search import _is_causal_lm
+    from mxfx.analysis.search import _is_causal_lm
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def test_attention_sites_get_an_attention_table():
                    {"h.0.attn": "attention", "h.0.mlp": "linear", "h.1.attn": "attention"}, 32)
     import tomllib
 
-    config = mxfx.config.config_from_dict(tomllib.loads(text))
+    config = mxfx.graph.config.config_from_dict(tomllib.loads(text))
     attention, linear, skipped = config.rules
     assert attention.attention == mxfx.AttentionSpec(*[mxfx.MXSpec("fp8_e4m3")] * 4)
     assert (linear.weight, linear.activation) == (mxfx.MXSpec("fp4_e2m1"), None)
@@ -250,7 +250,7 @@ def test_cli_search_one_budget_and_a_front(tmp_path):
 
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
         import torch
-        from model_zoo import FragileMLP, NanoGPT
+        from mxfx.testing.models import FragileMLP, NanoGPT
         def fragile():
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)

@@ -12,11 +12,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from model_zoo import MLP, FragileMLP, NanoGPT
 
 import mxfx
-from mxfx.metrics import MetricAccumulator
-from mxfx.sensitivity import SensitivityReport, parse_candidates
+from mxfx.analysis.metrics import MetricAccumulator
+from mxfx.analysis.sensitivity import SensitivityReport, parse_candidates
+from mxfx.testing.models import MLP, FragileMLP, NanoGPT
 
 TESTS = os.path.dirname(os.path.abspath(__file__))  # for subprocesses: model_zoo lives here
 
@@ -344,7 +344,7 @@ def _free_port() -> int:
 
 _RANKS_SCRIPT = """
 import os, sys, torch, mxfx
-from model_zoo import MLP
+from mxfx.testing.models import MLP
 torch.manual_seed(0)
 model, batches = MLP(d=32, hidden=32, out=8), [torch.randn(4, 32) for _ in range(2)]
 for mode in ("isolated", "gradient"):
@@ -425,7 +425,7 @@ def test_bad_arguments():
 def test_cli_sensitivity_gradient(tmp_path):
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
         import torch
-        from model_zoo import FragileMLP
+        from mxfx.testing.models import FragileMLP
         def fragile():
             torch.manual_seed(0)
             return FragileMLP(), (torch.randn(32, 64),)
@@ -474,7 +474,7 @@ class EinsumAttention(torch.nn.Module):
 
 
 def _every_attention_form():
-    import zoo_models
+    from mxfx.testing import zoo as zoo_models
 
     torch.manual_seed(0)
     bloom, args, _ = zoo_models.bloom()  # baddbmm + bmm

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mxfx
-from mxfx.numerics import unpack_codes
+from mxfx.numerics.reference import unpack_codes
 
 to_mx_module = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from conftest import bits_equal
-from model_zoo import MLP
 
 import mxfx
-from mxfx import divergence, noise
+from mxfx.analysis import divergence, noise
+from mxfx.testing.models import MLP
 
 ALL = mxfx.QuantConfig((mxfx.Rule(match=".*", weight=mxfx.MXSpec("fp8_e4m3"), activation=mxfx.MXSpec("fp8_e4m3")),))
 
@@ -179,7 +179,7 @@ def _first(output):
 def test_mlp_prepared_once_takes_other_batch_and_sequence_sizes(caplog):
     torch.manual_seed(0)
     model = MLP()
-    with caplog.at_level(logging.INFO, logger="mxfx.export"):
+    with caplog.at_level(logging.INFO, logger="mxfx.graph.export"):
         prepared = mxfx.prepare(model, ALL, (torch.randn(2, 5, 64),))
     assert "x[0], x[1]" in caplog.text
     for batch, length in itertools.product((1, 3, 8), (5, 9)):

@@ -12,11 +12,11 @@ references computed independently of mxfx (tests/zoo_reference.py):
 
 import pytest
 import torch
-import zoo_models
 from zoo_reference import attention_softmaxes, linear_product_count, quantized_linears, sdpa_calls
 
 import mxfx
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.testing import zoo as zoo_models
 
 pytest.importorskip("transformers")
 

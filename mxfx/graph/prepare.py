@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from mxfx.config import QuantConfig, load_config
 from mxfx.errors import ConfigError, InputGuardError, MXFXWarning, MXTypeError
-from mxfx.export import export, tracing_lock, used_dynamic_shapes
+from mxfx.graph.config import QuantConfig, load_config
+from mxfx.graph.export import export, tracing_lock, used_dynamic_shapes
+from mxfx.graph.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
 from mxfx.passes.gptq_weights import GPTQWeightsPass
@@ -31,7 +32,6 @@ from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
 from mxfx.passes.rotate_attention import RotateAttentionPass
 from mxfx.passes.rotate_linear import RotateLinearPass
-from mxfx.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class _ExplainedGuards(torch.nn.Module):
                 "on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart), or where a "
                 "dimension is static (size 1 in the example inputs, the static fallback warned about at "
                 "prepare, dynamic_shapes=None, or an explicit dynamic_shapes without it): prepare with "
-                "example inputs of this shape, or pass dynamic_shapes to mxfx.prepare, e.g. "
+                "example inputs of this shape, or pass dynamic_shapes to mxfx.graph.prepare, e.g. "
                 "dynamic_shapes=({0: torch.export.Dim('batch')},)"
             ) from None
 
@@ -186,7 +186,7 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
 
 def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
     """An attention site a rule quantizes that the attention pass left as it was is recorded
-    UNSUPPORTED with the reason, not QUANTIZED: an SDPA call with dropout_p > 0 (mxfx.attention
+    UNSUPPORTED with the reason, not QUANTIZED: an SDPA call with dropout_p > 0 (mxfx.numerics.attention
     has no dropout), or an explicit form whose matmuls got no quantized operand (an einsum the
     pass does not handle)."""
     by_name = {node.name: node for node in gm.graph.nodes}
@@ -239,3 +239,23 @@ def _warn_left_out(sites: tuple[Site, ...], config: QuantConfig) -> None:
     more = f"; and {len(left_out) - 3} more" if len(left_out) > 3 else ""
     warnings.warn(f"mxfx: {len(left_out)} site(s) the config asks to quantize were left in high precision "
                   f"({by_status}): {first}{more}. See prepared.mxfx_report.unquantized.", MXFXWarning, stacklevel=4)
+
+
+def find_sites(model: fx.GraphModule | torch.export.ExportedProgram, config: QuantConfig | str | None = None) -> list[Site]:
+    """The sites of an exported graph and what `config` would do to each (nothing is quantized).
+
+    Args:
+        model: an `ExportedProgram` (from `mxfx.export`) or a GraphModule from one (it is
+            canonicalized and annotated in place; pass a program to leave it untouched).
+        config: a QuantConfig, preset name or TOML path; None finds the sites with no rule.
+
+    Returns:
+        One Site per linear and attention site, in graph order, including the candidates mxfx saw
+        but would not quantize (their `status` and `reason` say why).
+    """
+    gm = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    config = QuantConfig() if config is None else load_config(config)
+    with tracing_lock():  # the passes compute symbolic fake shapes (see mxfx.export)
+        for pass_ in matching_passes(config):
+            pass_(gm)
+    return graph_sites(gm)

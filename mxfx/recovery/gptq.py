@@ -26,11 +26,11 @@ import logging
 import torch
 from torch import Tensor
 
-from mxfx.api import MXData, quantize
-from mxfx.config import MXSpec
 from mxfx.errors import MXValueError
-from mxfx.formats import get_format
-from mxfx.numerics import decode_scales, encode_elements, pack_codes, packing_group, round_elements
+from mxfx.numerics.api import MXData, quantize
+from mxfx.numerics.formats import get_format
+from mxfx.numerics.reference import decode_scales, encode_elements, pack_codes, packing_group, round_elements
+from mxfx.numerics.spec import MXSpec
 
 log = logging.getLogger(__name__)
 

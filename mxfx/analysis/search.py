@@ -23,7 +23,6 @@ Q, K, V and P of attention sites, which have no weight and take the candidate's 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import re
 import time
@@ -37,33 +36,35 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from mxfx.config import QuantConfig, config_from_dict
-from mxfx.errors import MXValueError
-from mxfx.export import export
-from mxfx.formats import get_format
-from mxfx.metrics import HIGHER_IS_BETTER, MetricAccumulator
-from mxfx.noise import (
+from mxfx.analysis import sensitivity as sensitivity_module
+from mxfx.analysis.batches import as_batches, primary_output
+from mxfx.analysis.candidates import Candidate, candidate_label, normalize_candidates  # noqa: F401  (public here)
+from mxfx.analysis.evaluation import config_evaluator
+from mxfx.analysis.metrics import HIGHER_IS_BETTER
+from mxfx.analysis.noise import (
     DEFAULT_SOURCES,
     WITHIN_FLOOR,
     NoiseFloor,
     check_arguments,
-    noise_floor,
     noise_floor_of,
     render,
     significant,
 )
-from mxfx.prepare import prepare
-from mxfx.sites import ATTENTION, LINEAR
-from mxfx.solver import solve
+from mxfx.analysis.solver import solve
+from mxfx.errors import MXValueError
+from mxfx.graph.config import QuantConfig, config_from_dict
+from mxfx.graph.export import export
+from mxfx.graph.prepare import prepare
+from mxfx.graph.sites import ATTENTION, LINEAR
+from mxfx.numerics.formats import get_format
 
 log = logging.getLogger(__name__)
 # the module, not the function `mxfx.sensitivity` that shadows it as a package attribute
-_sensitivity_module = importlib.import_module("mxfx.sensitivity")
+
 
 HIGH_PRECISION_ACTIVATION_BITS = 16  # an unquantized activation, counted as bf16/fp16 for the act budget
 DEFAULT_FORMATS = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1")
 MODES = ("gradient", "local", "isolated", "all-but-one")
-Candidate = tuple[str | None, str | None]  # (weight format, activation format); None: high precision
 
 
 def bits_per_element(fmt: str | None, block_size: int = 32, high_precision_bits: int = HIGH_PRECISION_ACTIVATION_BITS) -> float:
@@ -77,50 +78,6 @@ def _bits(fmt: str | None, block_size: int, high_precision_bits: int) -> Fractio
     return Fraction(get_format(fmt).bits) + Fraction(8, block_size)  # element bits + one E8M0 scale per block
 
 
-def _label(candidate: Candidate) -> str:
-    """"fp8_e4m3" for (fp8_e4m3, fp8_e4m3), "fp4_e2m1:fp8_e4m3" otherwise (the --candidates syntax)."""
-    return _sensitivity_module.candidate_label(candidate)
-
-
-def normalize_candidates(formats: Iterable[str] | None, candidates: Iterable[Sequence] | None) -> list[Candidate]:
-    """Candidates as canonical (weight, activation) pairs; `formats` is shorthand for (f, f) pairs."""
-    if formats is not None and candidates is not None:
-        raise MXValueError("pass formats or candidates, not both")
-    if candidates is None:
-        if isinstance(formats, str):
-            raise MXValueError(f"formats must be a list of format names, got the string {formats!r}")
-        candidates = [(f, f) for f in (DEFAULT_FORMATS if formats is None else formats)]
-    out: list[Candidate] = []
-    for pair in candidates:
-        if isinstance(pair, str) or len(pair) != 2:
-            raise MXValueError(f"a candidate is a (weight format, activation format) pair, got {pair!r}")
-        weight, activation = (None if f is None else get_format(f).name for f in pair)
-        if weight is None and activation is None:
-            raise MXValueError("the candidate (None, None) quantizes nothing")
-        if (weight, activation) not in out:
-            out.append((weight, activation))
-    if not out:
-        raise MXValueError("no candidates to search over")
-    return out
-
-
-def _first_float(output: Any) -> torch.Tensor:
-    """The first floating-point tensor of a model output (logits, last_hidden_state, ...)."""
-    stack = [output]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, torch.Tensor):
-            if item.is_floating_point():
-                return item
-        elif hasattr(item, "to_tuple"):  # a Hugging Face ModelOutput
-            stack[:0] = list(item.to_tuple())
-        elif isinstance(item, dict):
-            stack[:0] = list(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack[:0] = list(item)
-    raise MXValueError("the model output holds no floating-point tensor")
-
-
 def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
     log.info("search %d/%d (%s), %.1f s elapsed", done, total, label, elapsed)
 
@@ -131,7 +88,7 @@ def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
 def causal_lm_loss(output: Any, batch: tuple) -> torch.Tensor:
     """Next-token cross-entropy of a causal LM on the batch's own tokens (the gradient-mode loss
     `search` uses for models that take integer token ids and return [B, T, vocab] logits)."""
-    logits, tokens = _first_float(output), batch[0]
+    logits, tokens = primary_output(output), batch[0]
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
         raise MXValueError(f"causal_lm_loss needs [B, T, vocab] logits for [B, T] tokens, got {tuple(logits.shape)}")
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -157,7 +114,7 @@ def _is_causal_lm(model, batch: tuple) -> bool:
     if callable(getattr(model, "can_generate", None)) and not model.can_generate():
         return False
     with torch.no_grad():
-        out = _first_float(model(*batch))
+        out = primary_output(model(*batch))
     return out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape) and out.shape[-1] > int(tokens.max())
 
 
@@ -172,10 +129,10 @@ def measure(model, batches, candidates, *, mode="gradient", sites=None, block_si
     """
     if mode not in MODES:
         raise MXValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    batches = _sensitivity_module.as_batches(batches, "search")
+    batches = as_batches(batches, "search")
     if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
         loss_fn = causal_lm_loss
-    report = _sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
+    report = sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
                                              block_size=block_size, progress=progress,
                                              **({"loss_fn": loss_fn} if mode == "gradient" else {}))
     for row in getattr(report, "unmeasured", []):
@@ -237,7 +194,7 @@ class SearchResult:
         """How many sites got each candidate."""
         out: dict[str, int] = {}
         for candidate in self.assignment.values():
-            out[_label(candidate)] = out.get(_label(candidate), 0) + 1
+            out[candidate_label(candidate)] = out.get(candidate_label(candidate), 0) + 1
         return out
 
 
@@ -311,7 +268,7 @@ class Front:
 
     def significant(self, point: FrontPoint) -> bool | None:
         """Whether a searched point differs from its reference by more than the floor
-        (`mxfx.noise.significant`); None where that was not measured (no noise, no reference)."""
+        (`mxfx.analysis.noise.significant`); None where that was not measured (no noise, no reference)."""
         floor = self.floor(point)
         return None if floor is None else significant(point.value, self.reference(point).value, floor)
 
@@ -461,7 +418,7 @@ def search(
         metric: the name of the front's metric ("mse" by default; "eval" with eval_fn).
         higher_is_better: the metric's direction (default from the name; False for eval_fn).
         noise: 0 (default): evaluate each config once. N >= 1: also evaluate every searched and
-            uniform config under `mxfx.noise.noise_floor` (N 1-ulp jitters of every MX
+            uniform config under `mxfx.analysis.noise.noise_floor` (N 1-ulp jitters of every MX
             quantizer's input, plus each other source in `noise_sources`; with `eval_fn`, the
             batch split cannot run and is listed as skipped): `result.spread` / `point.spread`
             hold the spread, and `Front.table()` marks a searched point within the larger spread
@@ -488,15 +445,15 @@ def search(
     noise_sources = tuple(noise_sources)
     if noise:
         check_arguments(noise, noise_sources)
-    candidates = normalize_candidates(formats, candidates)
-    batches = _sensitivity_module.as_batches(inputs, "search")
+    candidates = normalize_candidates(formats, candidates, default=DEFAULT_FORMATS)
+    batches = as_batches(inputs, "search")
     wanted = None if sites is None else list(dict.fromkeys(sites))
     rows = _rows_from_report(report) if report is not None else measure(
         model, batches, candidates, mode=mode, sites=wanted, block_size=block_size, loss_fn=loss_fn, progress=progress)
     table = _loss_table(rows, candidates, wanted)
     hp_weight_bits = next((p.dtype.itemsize * 8 for p in model.parameters() if p.is_floating_point()), 32)
     program = export(model, batches[0])
-    evaluate = _evaluator(program, batches[0], _sensitivity_module.as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric, noise, noise_sources)
+    evaluate = _evaluator(program, batches[0], as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric, noise, noise_sources)
     common = dict(table=table, block_size=block_size, hp_weight_bits=hp_weight_bits, act_budget_bits=act_budget_bits,
                   mode=mode if report is None else getattr(report, "mode", mode))
     if budget_bits is not None:
@@ -519,7 +476,7 @@ def search(
     for candidate in candidates:
         config, result = _uniform(candidate, **common)
         _measure_into(result, evaluate(config))
-        points.append(FrontPoint(f"uniform {_label(candidate)}", "uniform", result.average_bits,
+        points.append(FrontPoint(f"uniform {candidate_label(candidate)}", "uniform", result.average_bits,
                                  result.average_activation_bits, result.measured[metric], result, config,
                                  spread=None if result.spread is None else result.spread[metric]))
         if progress is not None:
@@ -589,7 +546,7 @@ def _finish(table: _Table, choice: Sequence[int], *, block_size, hp_weight_bits,
               f"average weight bits {wbits:.4f}" + ("" if abits is None else f", activation bits {abits:.4f}"),
               f"sensitivity mode {mode}, predicted loss {loss:.6g}"]
     text = to_toml(assignment, table.kinds, block_size, header)
-    config = config_from_dict(tomllib.loads(text), "mxfx.search")  # the TOML is the source of truth
+    config = config_from_dict(tomllib.loads(text), "mxfx.analysis.search")  # the TOML is the source of truth
     return config, SearchResult(assignment, wbits, abits, {"loss": loss}, {}, text, budget_bits, act_budget_bits, exact, mode)
 
 
@@ -637,21 +594,4 @@ def _evaluator(program, example: tuple, batches: list[tuple], eval_fn, metric: s
             return noise_floor_of(prepared, measure_fn, noise, noise_sources) if noise else measure_fn(prepared)
 
         return evaluate_fn
-    reference = program.module()
-    with torch.no_grad():
-        references = [_first_float(reference(*b)).detach() for b in batches]
-
-    def measure_outputs(outputs: list) -> dict:
-        accumulator = MetricAccumulator(kl=True)  # the definitions mxfx.evaluate uses
-        for reference_output, output in zip(references, outputs):
-            accumulator.add(reference_output, _first_float(output))
-        return accumulator.result()
-
-    def evaluate(config: QuantConfig):
-        prepared = prepare(program, config, example)
-        if noise:
-            return noise_floor(prepared, batches, measure_outputs, noise, noise_sources)
-        with torch.no_grad():
-            return measure_outputs([prepared(*batch) for batch in batches])
-
-    return evaluate
+    return config_evaluator(program, batches, noise, noise_sources, example)

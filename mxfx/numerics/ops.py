@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mxfx import _compat, kernels
-from mxfx.attention import attention_reference
-from mxfx.formats import get_format
-from mxfx.numerics import (
+from mxfx import _compat
+from mxfx.numerics import kernels
+from mxfx.numerics.attention import attention_reference
+from mxfx.numerics.formats import get_format
+from mxfx.numerics.reference import (
     dequantize_last_axis,
     fake_quantize_last_axis,
     packed_length,
@@ -295,9 +296,10 @@ def _source_digest() -> str:
     import hashlib
     from pathlib import Path
 
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]
     digest = hashlib.sha256()
-    for name in ("formats.py", "numerics.py", "ops.py", "attention.py", "kernels.py", "rotation.py", "_compat.py"):
+    for name in ("numerics/formats.py", "numerics/reference.py", "numerics/spec.py", "numerics/ops.py",
+                 "numerics/attention.py", "numerics/kernels.py", "recovery/rotation.py", "_compat.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -21,13 +21,13 @@ import math
 import torch
 from torch import Tensor
 
-from mxfx.config import MXSpec
-from mxfx.numerics import fake_quantize_last_axis
+from mxfx.numerics.reference import fake_quantize_last_axis
+from mxfx.numerics.spec import MXSpec
 
 
 def quantize_operand(x: Tensor, spec: str, axis: int = -1, hint=None, quantizer=None) -> Tensor:
     """x in fp32, fake-quantized along `axis` when `spec` (`MXSpec.to_arg()`, "" for none) is set.
-    `hint`: see `mxfx.ops._realizing` (Inductor only; applied to the operand and its block scales).
+    `hint`: see `mxfx.numerics.ops._realizing` (Inductor only; applied to the operand and its block scales).
     `quantizer(x, spec, axis)`, if given, fake-quantizes the fp32 operand instead of the math
     inlined here (`mxfx.kernels` passes its shared kernel)."""
     x = x.to(torch.float32)
@@ -102,4 +102,4 @@ def _(query, key, value, attn_mask, is_causal, scale, enable_gqa, query_spec, ke
     return sdpa_layout(query.new_empty((*query.shape[:-1], value.shape[-1])))
 
 
-# Registered by mxfx.ops, which gives it the realize hint (`_realizing`).
+# Registered by mxfx.numerics.ops, which gives it the realize hint (`_realizing`).

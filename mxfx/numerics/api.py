@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from mxfx.errors import FormatError, MXFXWarning, MXTypeError, MXValueError
-from mxfx.formats import ElementFormat, get_format
-from mxfx.numerics import ROUNDINGS, SCALE_MODES
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+from mxfx.numerics.formats import ElementFormat, get_format
+from mxfx.numerics.reference import ROUNDINGS, SCALE_MODES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

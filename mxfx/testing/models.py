@@ -1,4 +1,4 @@
-"""Small models used by the tests (and by examples/benchmarks through sys.path): an MLP, an F.linear model, tied
+"""Small models used by the tests (and by examples and benchmarks): an MLP, an F.linear model, tied
 weights, and a nanoGPT-style transformer (attention with an SDPA path and a manual path)."""
 
 from __future__ import annotations

@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import fx
 
-from mxfx.config import AttentionSpec, MXSpec, QuantConfig
 from mxfx.errors import MXValueError
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig
 
 # node.meta keys, defined once. SITE_META holds the Site of the node that *is* the site (the
 # canonical aten.linear, the SDPA or mxfx.attention call, or the softmax of an explicit attention).
@@ -152,27 +151,3 @@ def decide(config: QuantConfig, fqn: str, kind: str) -> dict[str, Any]:
 def graph_sites(gm: fx.GraphModule) -> list[Site]:
     """Every Site annotated on `gm`'s nodes, in graph order."""
     return [site for node in gm.graph.nodes if (site := site_of(node)) is not None]
-
-
-def find_sites(model: fx.GraphModule | torch.export.ExportedProgram, config: QuantConfig | str | None = None) -> list[Site]:
-    """The sites of an exported graph and what `config` would do to each (nothing is quantized).
-
-    Args:
-        model: an `ExportedProgram` (from `mxfx.export`) or a GraphModule from one (it is
-            canonicalized and annotated in place; pass a program to leave it untouched).
-        config: a QuantConfig, preset name or TOML path; None finds the sites with no rule.
-
-    Returns:
-        One Site per linear and attention site, in graph order, including the candidates mxfx saw
-        but would not quantize (their `status` and `reason` say why).
-    """
-    from mxfx.config import load_config
-    from mxfx.export import tracing_lock
-    from mxfx.prepare import matching_passes
-
-    gm = model.module() if isinstance(model, torch.export.ExportedProgram) else model
-    config = QuantConfig() if config is None else load_config(config)
-    with tracing_lock():  # the passes compute symbolic fake shapes (see mxfx.export)
-        for pass_ in matching_passes(config):
-            pass_(gm)
-    return graph_sites(gm)

@@ -28,8 +28,7 @@ from typing import Any
 import tomllib
 
 from mxfx.errors import ConfigError, MXFXError
-from mxfx.formats import get_format
-from mxfx.numerics import ROUNDINGS, SCALE_MODES
+from mxfx.numerics.spec import MXSpec
 
 WEIGHT_STORAGES = ("packed", "simulated")
 ATTENTION_OPERANDS = ("query", "key", "value", "probs")
@@ -44,42 +43,6 @@ def _is_power_of_two(n: int) -> bool:
 def _check_rotation(rotation: str, where: str) -> None:
     if rotation not in ("", *ROTATIONS):
         raise ConfigError(f"{where}: unknown rotation {rotation!r}; valid: {', '.join(ROTATIONS)} (or none)")
-
-
-@dataclasses.dataclass(frozen=True)
-class MXSpec:
-    """How one tensor is quantized."""
-
-    format: str  # element format name (any alias; stored canonical)
-    block_size: int = 32  # elements per E8M0 scale
-    scale_mode: str = "floor"  # floor (OCP), ceil, even, rceil, mse (error-minimizing exponent)
-    rounding: str = "even"  # even (OCP), away, toward_zero, stochastic
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "format", get_format(self.format).name)
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
-        if self.scale_mode not in SCALE_MODES:
-            raise ConfigError(f"unknown scale_mode {self.scale_mode!r}; valid: {', '.join(SCALE_MODES)}")
-        if self.rounding not in ROUNDINGS:
-            raise ConfigError(f"unknown rounding {self.rounding!r}; valid: {', '.join(ROUNDINGS)}")
-
-    def to_arg(self) -> str:
-        """The compact string form the attention op takes: "format/block_size/scale_mode/rounding"."""
-        return f"{self.format}/{self.block_size}/{self.scale_mode}/{self.rounding}"
-
-    @classmethod
-    def from_arg(cls, text: str) -> MXSpec | None:
-        """Inverse of `to_arg`; "" means no quantization (None)."""
-        if not text:
-            return None
-        fmt, block, scale_mode, rounding = text.split("/")
-        return cls(fmt, int(block), scale_mode, rounding)
-
-    def describe(self) -> str:
-        return f"{self.format}/b{self.block_size}" + (
-            "" if (self.scale_mode, self.rounding) == ("floor", "even") else f"/{self.scale_mode}/{self.rounding}"
-        )
 
 
 @dataclasses.dataclass(frozen=True)

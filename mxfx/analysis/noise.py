@@ -38,6 +38,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from mxfx.errors import InputGuardError, MXValueError
+from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 
 log = logging.getLogger(__name__)
 SOURCES = ("jitter", "split", "compiled")

@@ -26,7 +26,7 @@ A kernel is traced to ATen on fake tensors and compiled by Inductor without Dyna
 (`_compat.compile_rows_kernel`): a call runs no Dynamo frame and checks no guards; what Dynamo
 would guard (dtype, device, the static sizes, rows >= 2, contiguity) is the kernel's key, and a
 compile that assumes anything else of the sizes is refused. What a site loses: fusion with its
-neighbours (a quantizer's input is realized either way; see `mxfx.ops._realizing`) and ~25 us of
+neighbours (a quantizer's input is realized either way; see `mxfx.numerics.ops._realizing`) and ~25 us of
 dispatch per call on a 2-core CPU (the op's Python kernel, the reshapes, Inductor's wrapper: a
 64x32 fake-quantize, 2 threads, 28 us, of which ~5 us arithmetic; as a Dynamo frame and a
 `custom_op` it was 84 us), well under 1% of a transformer layer at a few hundred tokens.
@@ -48,11 +48,11 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
-from mxfx.attention import attention_reference, sdpa_layout
-from mxfx.config import MXSpec
 from mxfx.errors import MXFXError
-from mxfx.formats import get_format
-from mxfx.numerics import dequantize_last_axis, fake_quantize_last_axis, packing_group, quantize_last_axis
+from mxfx.numerics.attention import attention_reference, sdpa_layout
+from mxfx.numerics.formats import get_format
+from mxfx.numerics.reference import dequantize_last_axis, fake_quantize_last_axis, packing_group, quantize_last_axis
+from mxfx.numerics.spec import MXSpec
 
 _FUSED = contextvars.ContextVar("mxfx_fused_kernels", default=False)
 _KERNELS: dict[tuple, Callable] = {}
@@ -305,7 +305,7 @@ def shared_attention_call(query, key, value, attn_mask, is_causal, scale, enable
 
 def shared_linear(x, weight_codes, weight_scales, bias, weight_format, weight_block_size, in_features,
                   act_format, act_block_size, act_scale_mode, act_rounding):
-    """`mxfx::linear` as shared quantizers around the ATen GEMM (the math of `mxfx.ops._linear_impl`)."""
+    """`mxfx::linear` as shared quantizers around the ATen GEMM (the math of `mxfx.numerics.ops._linear_impl`)."""
     if act_format:
         x = torch.ops.mxfx.shared_fake_quantize(x, act_format, act_block_size, -1, act_scale_mode, act_rounding, 0,
                                                 False)
@@ -315,7 +315,7 @@ def shared_linear(x, weight_codes, weight_scales, bias, weight_format, weight_bl
 
 
 def shared_matmul(a_codes, a_scales, a_format, a_block_size, b_codes, b_scales, b_format, b_block_size, k, dtype):
-    """`mxfx::matmul` as shared dequantizers around the ATen matmul (`mxfx.ops._matmul_impl`)."""
+    """`mxfx::matmul` as shared dequantizers around the ATen matmul (`mxfx.numerics.ops._matmul_impl`)."""
     a = torch.ops.mxfx.shared_dequantize(a_codes, a_scales, a_format, a_block_size, -1, [*a_scales.shape[:-1], k],
                                          torch.float32)
     b = torch.ops.mxfx.shared_dequantize(b_codes, b_scales, b_format, b_block_size, -1, [*b_scales.shape[:-1], k],

@@ -21,9 +21,9 @@ import warnings
 import torch
 from torch import Tensor, fx
 
-from mxfx.attention import quantize_operand
 from mxfx.errors import MXFXWarning, MXTypeError
-from mxfx.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
+from mxfx.graph.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
+from mxfx.numerics.attention import quantize_operand
 
 __all__ = ["NonFinite", "check_nonfinite"]
 
@@ -63,7 +63,7 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[NonFinite
         MXTypeError: `prepared` is not an fx.GraphModule.
     """
     if not isinstance(prepared, fx.GraphModule):
-        raise MXTypeError(f"check_nonfinite takes a module from mxfx.prepare, got {type(prepared).__name__}")
+        raise MXTypeError(f"check_nonfinite takes a module from mxfx.graph.prepare, got {type(prepared).__name__}")
     roles = _operand_roles(prepared)
     found: dict[tuple[str, str], NonFinite] = {}
 

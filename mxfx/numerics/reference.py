@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mxfx import _compat
 from mxfx.errors import FormatError
-from mxfx.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, ElementFormat, get_format
+from mxfx.numerics.formats import E8M0_BIAS, E8M0_NAN, SCALE_EXP_MAX, SCALE_EXP_MIN, ElementFormat, get_format
 
 SCALE_MODES = ("floor", "ceil", "even", "rceil", "mse")
 ROUNDINGS = ("even", "away", "toward_zero", "stochastic")

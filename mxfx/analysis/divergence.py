@@ -1,6 +1,6 @@
 """Where do compiled and eager runs of a prepared module part ways?
 
-    report = mxfx.divergence.compare(prepared, x)
+    report = mxfx.analysis.divergence.compare(prepared, x)
     print(report.table())            # one row per mxfx op, in graph order
     report.first_site                # the first MX site whose *input* differs
     report.origins                   # the non-MX ops where a difference is born
@@ -36,9 +36,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from mxfx._compat import eager_numerics  # noqa: F401  (public here: mxfx.divergence.eager_numerics)
+from mxfx._compat import eager_numerics  # noqa: F401  (public here: mxfx.analysis.divergence.eager_numerics)
 from mxfx.errors import MXTypeError
-from mxfx.sites import site_of
+from mxfx.graph.sites import site_of
 
 _MX_OPS = ("quantize", "dequantize", "fake_quantize", "linear", "matmul", "attention")
 

@@ -1,0 +1,163 @@
+"""Resume files for long analyses: a fingerprint of everything that defines a run, refusal of a
+file from another run, and a writer that rewrites the file as each row completes (one partial
+file per rank in a sharded run, merged by rank 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from mxfx.analysis import distributed
+from mxfx.analysis.sensitivity_modes import PROJECTION_SEED, PROJECTIONS
+from mxfx.analysis.sensitivity_report import SensitivityReport
+from mxfx.errors import MXValueError
+
+log = logging.getLogger(__name__)
+
+
+# --- fingerprints for resume -------------------------------------------------------------------
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _batch_fingerprint(batches: list[tuple]) -> dict:
+    shapes, parts = [], []
+    for batch in batches:
+        leaves = pytree.tree_leaves(batch)
+        shapes.append([f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
+                       else type(x).__name__ for x in leaves])
+        parts += [_tensor_bytes(x) if isinstance(x, torch.Tensor) else repr(x).encode() for x in leaves]
+    return {"shapes": shapes, "hash": _digest(*parts)}
+
+
+def _parameter_fingerprint(model: torch.nn.Module) -> dict:
+    """name -> digest of (shape, dtype, sum, sum of |x|, a strided sample of <= 64 elements): cheap
+    on large models, and any edit that matters for a report changes it."""
+    out = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        stats = (flat.double().sum().item(), flat.double().abs().sum().item()) if flat.is_floating_point() else (flat.sum().item(),)
+        out[name] = _digest(tuple(t.shape), str(t.dtype), stats, _tensor_bytes(sample))
+    return out
+
+
+def _callable_identity(fn: Callable | None) -> str:
+    if fn is None:
+        return f"default: {PROJECTIONS} random projections of the primary output, seed {PROJECTION_SEED}"
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    code = getattr(fn, "__code__", None)
+    return name if code is None else f"{name} (code {_digest(code.co_code, code.co_consts)})"
+
+
+def run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds, loss_fn, noise=0, noise_sources=()) -> dict:
+    compared = {"local": "site output", "gradient": "site output, gradient-weighted"}.get(mode, "model primary output")
+    return {
+        "mode": mode,
+        "candidates": [list(c) for c in candidates],
+        "block_size": block_size,
+        "scale_mode/rounding": "floor/even",
+        "sites": [f"{t.kind}:{t.fqn}" for t in targets],
+        "kinds": list(kinds),
+        "metric_inputs": compared,
+        "loss_fn": _callable_identity(loss_fn) if mode == "gradient" else None,
+        "batches": _batch_fingerprint(batches),
+        "parameters": _parameter_fingerprint(model),
+        # None for noise=0, as in files written before the noise floor existed (they still resume)
+        "noise": {"runs": noise, "sources": list(noise_sources)} if noise else None,
+    }
+
+
+def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
+    if saved is None:
+        raise MXValueError(f"{path} records no run fingerprint (written by an older mxfx?); delete it or pick another path")
+    differing = [key for key in current if saved.get(key) != current[key]]
+    if not differing:
+        return
+    details = []
+    for key in differing:
+        if key == "parameters":
+            old, new = saved.get(key) or {}, current[key]
+            names = [n for n in dict.fromkeys([*new, *old]) if old.get(n) != new.get(n)]
+            details.append(f"parameters ({len(names)} differ, first {names[0]!r})")
+        elif key == "batches":
+            details.append("batches (" + ("shapes/dtypes" if saved[key].get("shapes") != current[key]["shapes"] else "contents") + ")")
+        else:
+            details.append(f"{key} ({saved.get(key)!r} != {current[key]!r})")
+    raise MXValueError(f"cannot resume from {path}: it was written by another run; differing: {'; '.join(details)}. "
+                       "Delete the file or pass another resume path.")
+
+
+def read_resume(path: Path, fingerprint: dict) -> dict[tuple, dict]:
+    rows: dict[tuple, dict] = {}
+    files = [path] if path.is_file() else []
+    files += sorted(path.parent.glob(f"{path.name}.rank*"))  # partial files of an interrupted sharded run
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as error:
+            raise MXValueError(f"cannot resume from {file}: not a sensitivity report ({error})") from None
+        _check_same_run(data.get("run"), fingerprint, file)
+        for row in data["rows"]:
+            rows[_row_key(row)] = row
+    return rows
+
+
+def _row_key(row: dict) -> tuple:
+    return row["kind"], row["site"], row["weight_format"], row["activation_format"]
+
+
+def _write_json(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: an interrupt never leaves half a file
+
+
+
+
+class ResumeWriter:
+    """Rewrites the resume file as rows complete: the report itself in one process, one partial
+    file per rank (`<path>.rank<r>`) in a sharded run, merged by rank 0 at the end."""
+
+    def __init__(self, path, fingerprint, mode, metric, candidates, unmeasured, rank, world, done, noise) -> None:
+        self.path, self.rank, self.world = path, rank, world
+        self.base = SensitivityReport(list(done.values()) if world == 1 else [], mode, metric, candidates, unmeasured,
+                                      fingerprint, noise)
+
+    def add(self, row: dict) -> None:
+        if self.path is None:
+            return
+        self.base.rows.append(row)
+        target = self.path if self.world == 1 else self.path.with_name(f"{self.path.name}.rank{self.rank}")
+        _write_json(target, self.base.to_json())
+
+    def finish(self, report: SensitivityReport) -> None:
+        if self.path is None:
+            return
+        distributed.barrier(self.world)
+        if self.rank == 0:
+            _write_json(self.path, report.to_json())
+            for partial in self.path.parent.glob(f"{self.path.name}.rank*"):
+                partial.unlink()
+        distributed.barrier(self.world)
+
+

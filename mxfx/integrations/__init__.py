@@ -1,0 +1,2 @@
+"""Integrations with other tools (generation, evaluation harnesses). Imports anything below.
+"""
