@@ -39,10 +39,12 @@ from mxfx.analysis.sensitivity import SensitivityReport, sensitivity
 
 # I/O
 from mxfx.io.pt2 import load, save
+from mxfx.io.checkpoints import save_pretrained
 
 # Errors and warnings
 from mxfx.errors import (
     ArchiveError,
+    CheckpointError,
     ConfigError,
     ExportError,
     FormatError,
@@ -96,8 +98,10 @@ __all__ = [
     # io
     "load",
     "save",
+    "save_pretrained",
     # errors
     "ArchiveError",
+    "CheckpointError",
     "ConfigError",
     "ExportError",
     "FormatError",
