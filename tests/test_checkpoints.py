@@ -254,9 +254,12 @@ QUARK_PYTHON = os.environ.get("MXFX_QUARK_PYTHON") or (sys.executable if importl
 def test_quark_loads_bit_exact(tmp_path, tiny):
     model, args, program = tiny
     torch.save(args[0], tmp_path / "ids.pt")
+    fp4_even = mxfx.MXSpec("fp4_e2m1", scale_mode="even")
     refs = {"q_mixed": [mxfx.Rule("lm_head", skip=True), _rule(r"model\.layers\.0\..*", "fp6_e3m2"),
-                        _rule(r"model\.layers\.1\.mlp\..*", "fp8_e4m3"), _rule(".*", "fp4_e2m1")],
-            "q_e2m3": [mxfx.Rule("lm_head", skip=True), _rule(".*", "fp6_e2m3")]}
+                        _rule(r"model\.layers\.1\.mlp\..*", "fp6_e2m3"), _rule(".*", "fp4_e2m1")],
+            # W4A4 with the "even" activation rule: Quark's emulation quantizes the inputs itself
+            "q_w4a4": [mxfx.Rule("lm_head", skip=True),
+                       mxfx.Rule(".*", weight=mxfx.MXSpec("fp4_e2m1"), activation=fp4_even)]}
     prepared = {}
     for name, rules in refs.items():
         prepared[name] = _prepare(program, args, rules)
@@ -309,6 +312,9 @@ def test_formats_a_target_cannot_store_are_refused(tiny, tmp_path):
     e3m2 = _prepare(program, args, [_rule(r".*k_proj", "fp6_e3m2")])
     with pytest.raises(mxfx.CheckpointError, match=r"k_proj stores fp6_e3m2 .*format='quark'"):
         mxfx.save_pretrained(e3m2, tmp_path / "a", format="compressed-tensors", model=model)
+    fp8 = _prepare(program, args, [_rule(r".*q_proj", "fp8_e4m3")])
+    with pytest.raises(mxfx.CheckpointError, match=r"q_proj stores fp8_e4m3 weights: Quark .*per-group FP8"):
+        mxfx.save_pretrained(fp8, tmp_path / "e", format="quark", model=model)
     with pytest.raises(mxfx.CheckpointError, match="GGUF has an MX type for fp4_e2m1 only"):
         mxfx.save_pretrained(e3m2, tmp_path / "b", format="gguf", model=model)
     simulated = _prepare(program, args, [_rule(r".*v_proj", "fp4_e2m1", weight_storage="simulated")])

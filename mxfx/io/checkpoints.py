@@ -166,7 +166,7 @@ def save_pretrained(prepared: fx.GraphModule, path: str | Path, *, format: str, 
         path: the output folder (created); for `format="gguf"` the folder gets `model.gguf`, or
             give a path ending in `.gguf`.
         format: "compressed-tensors" (MXFP4/MXFP6 E2M3/MXFP8 E4M3, mixed configs as one group per
-            format), "quark" (fp4, fp6_e2m3, fp6_e3m2, fp8_e4m3) or "gguf" (MXFP4, llama-family).
+            format), "quark" (fp4, fp6_e2m3, fp6_e3m2) or "gguf" (MXFP4, llama-family).
         model: the transformers model the prepared module came from (its config and other tensors).
         tokenizer: saved with the checkpoint (GGUF: its vocabulary goes into the file's metadata).
 

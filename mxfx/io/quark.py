@@ -1,9 +1,9 @@
 """AMD Quark's layout (`quant_method: "quark"`): the route by which MXFP6 E3M2 loads in runtimes.
 
 Per quantized nn.Linear `L`: `L.weight` holds the element codes (fp4: uint8 [N, K/2], two codes a
-byte, first in the low nibble; fp6: uint8 [N, 3K/4], four codes in a little-endian 24-bit word;
-fp8_e4m3: float8_e4m3fn [N, K]) and `L.weight_scale` the E8M0 bytes, uint8 [N, K/32] (OCP MX v1.0
-§5.4.1). The config is Quark's `QConfig.to_dict()` form (amd-quark 0.13): `per_group` specs with
+byte, first in the low nibble; fp6 E2M3 or E3M2: uint8 [N, 3K/4], four codes in a little-endian
+24-bit word) and `L.weight_scale` the E8M0 bytes, uint8 [N, K/32] (OCP MX v1.0 §5.4.1). MXFP8
+weights are refused (see WEIGHT_DTYPES). The config is Quark's `QConfig.to_dict()` form (amd-quark 0.13): `per_group` specs with
 `group_size` 32 and `scale_format` "e8m0"; the most common weight format is the global config,
 other formats are `layer_quant_config` entries keyed by module name; unquantized linears are in
 `exclude`.
@@ -26,6 +26,10 @@ from mxfx.errors import CheckpointError
 from mxfx.io.checkpoints import MX_BLOCK, CheckpointPlan, QuantizedLinear, refuse_activation
 
 DTYPES = {"fp4_e2m1": "fp4", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2", "fp8_e4m3": "fp8_e4m3"}
+# amd-quark 0.13 loads packed per_group (MX) weights for fp4 and fp6 only: its fp8 dequantizer
+# (hw_emulation_interface.dequantize_fp8) has per-tensor, per-channel and per-block paths and raises
+# "Unsupported QuantSchema: per_group" for an MXFP8 weight (measured on CPU).
+WEIGHT_DTYPES = ("fp4_e2m1", "fp6_e2m3", "fp6_e3m2")
 SCALE_MODES = ("floor", "ceil", "even")  # Quark's scale_calculation_mode values for MX blocks
 VERSION = "0.13"  # the amd-quark release this layout was checked against
 
@@ -40,9 +44,11 @@ def _spec(fmt: str, dynamic: bool, scale_mode: str | None) -> dict:
 
 def _layer_config(layer: QuantizedLinear) -> dict:
     fmt = layer.data.elem_format
-    if fmt not in DTYPES:
-        raise CheckpointError(f"site {layer.fqn} stores {fmt} weights: Quark's MX dtypes are "
-                              f"{', '.join(DTYPES)}")
+    if fmt not in WEIGHT_DTYPES:
+        hint = " (amd-quark 0.13 cannot load per-group FP8 weights; compressed-tensors stores MXFP8)" \
+            if fmt == "fp8_e4m3" else ""
+        raise CheckpointError(f"site {layer.fqn} stores {fmt} weights: Quark checkpoints load MX weights in "
+                              f"{', '.join(WEIGHT_DTYPES)}{hint}")
     inputs = None
     spec = layer.activation
     if spec is not None:
