@@ -149,6 +149,10 @@ def _picked_index(attr: fx.Node, chain: list[fx.Node]) -> int | None:
     for i, node in enumerate(chain):
         if node.target in _ROW_NEUTRAL_OPS:
             continue
+        if node.target is aten.select.int and attr.meta["val"].dim() >= 3:
+            # matrix i along any axis of a stacked parameter: a per-head weight W[:, i, :] of an einsum
+            dim = _arg(node, 1, "dim", 0)
+            return _arg(node, 2, "index", 0) % attr.meta["val"].shape[dim]
         if not _is_first_axis_pick(node, chain[i + 1] if i + 1 < len(chain) else None):
             return None
         index = _arg(node, 2, "index", 0) if node.target is aten.select.int else chain[i + 1].args[1]

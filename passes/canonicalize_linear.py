@@ -2,8 +2,15 @@
 
 A linear layer reaches the exported ATen graph in many forms: `aten.linear` (nn.Linear,
 F.linear), `addmm(b, x, W)` (GPT-2's Conv1D, which stores W as (in, out)), `mm`, `matmul`
-(`x @ W.T`, `x @ W`), `bmm` with an expanded weight, and 2-operand `einsum` with one contracted
-index. The weight operand counts when it is a constant expression of one parameter or buffer: a
+(`x @ W.T`, `x @ W`), `bmm` with an expanded weight, 2-operand `einsum`, and a kernel-1 `conv1d`
+(one group, stride 1, no padding: `conv1d(x [B, C, L], W [out, C, 1], b)` is a linear over the
+channels at every position, rewritten as `linear(x.transpose, W.squeeze(-1), b).transpose`). An
+einsum whose weight has other than two indices, or several contracted ones, is a linear once the
+split indices are flattened (`'ibh,hnd->ibnd'`: W viewed as (n*d, h); `'ibnd,hnd->ibh'`: x's
+(n, d) flattened, W viewed as (h, n*d)); an index shared by x, W and the output is a head index
+(`'bind,snd->bnis'`) and becomes one linear per head (`W.select(head_axis, i)`, site `<name>.i`),
+stacked. MX blocks then run along the flattened contracted axis, as in the equivalent nn.Linear.
+The weight operand counts when it is a constant expression of one parameter or buffer: a
 get_attr followed by views, transposes, slices, broadcasts and casts (`_utils.weight_chain`).
 
 Each form is matched, then checked (the product contracts the last axis of x with the weight's
@@ -13,8 +20,9 @@ argument is the (out_features, in_features) weight (a chain; InsertQDQ materiali
 permuted and the output permuted back where an einsum asks for it.
 
 A candidate that fails its check is left alone and annotated CHECK_FAILED; a product with a
-parameter operand in a form not rewritten (the parameter on the left, a 3-D or 1-D parameter, an
-einsum with two contracted indices, a weight computed by other ops) is annotated UNSUPPORTED.
+parameter operand in a form not rewritten (the parameter on the left, a 3-D or 1-D parameter of
+bmm/matmul, an einsum with no contracted index or several head indices, a conv1d with a kernel
+wider than 1, groups, stride or padding, a weight computed by other ops) is annotated UNSUPPORTED.
 Products of two activations are not linear sites.
 """
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
@@ -35,7 +44,10 @@ from mxfx.graph.sites import CHECK_FAILED, LINEAR, NO_RULE, UNSUPPORTED, Site, a
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 FORMS = {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.mm.default: "mm",
-         aten.matmul.default: "matmul", aten.bmm.default: "bmm", aten.einsum.default: "einsum"}
+         aten.matmul.default: "matmul", aten.bmm.default: "bmm", aten.einsum.default: "einsum",
+         aten.conv1d.default: "conv1d", aten.conv1d.padding: "conv1d"}
+_CONV1D = (aten.conv1d.default, aten.conv1d.padding)
+_KWARGS = {"beta", "alpha", "bias", "stride", "padding", "dilation", "groups"}
 _TRANSPOSES_2D = (aten.t.default, aten.numpy_T.default, aten.mT.default)
 # Broadcasts that add leading batch axes to a 2-D weight (bmm / matmul with an expanded weight).
 _BROADCASTS = (aten.expand.default, aten.unsqueeze.default)
@@ -59,6 +71,7 @@ class _Plan:
     bias: Any = None
     x_perm: list[int] | None = None
     out_perm: list[int] | None = None
+    squeeze: bool = False  # W2d = weight.squeeze(-1): a kernel-1 Conv1d's (out, in, 1) weight
 
 
 def _constant_params(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -139,8 +152,7 @@ def _einsum_plan(node: fx.Node, operands: list, constant: dict) -> _Plan:
         raise _Reject(UNSUPPORTED, f"einsum {node.args[0]!r}: repeated indices or '...' only in the output")
     contracted = [c for c in w_spec if c in x_spec and c not in output]
     if len(w_spec) != 2 or len(contracted) != 1:
-        raise _Reject(UNSUPPORTED, f"einsum {node.args[0]!r}: the weight has {len(w_spec)} indices, "
-                                   f"{len(contracted)} contracted (a linear has 2 and 1)")
+        return _split_einsum_plan(node, x, weight, x_spec, w_spec, output)
     k = contracted[0]
     n = w_spec.replace(k, "")
     if n in x_spec or n not in output or any(c not in output for c in x_spec if c != k):
@@ -156,10 +168,120 @@ def _einsum_plan(node: fx.Node, operands: list, constant: dict) -> _Plan:
                  out_perm=None if out_perm == sorted(out_perm) else out_perm)
 
 
+def _argument(node: fx.Node, name: str) -> Any:
+    """An op argument by its schema name (its default when not given)."""
+    for index, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            if index < len(node.args):
+                return node.args[index]
+            return node.kwargs.get(name, argument.default_value if argument.has_default_value() else None)
+    raise KeyError(name)
+
+
+def _conv1d_plan(node: fx.Node, constant: dict) -> _Plan | None:
+    """`conv1d(x [B, C, L], W [out, C, 1], b)` as `linear(x.transpose(-1, -2), W.squeeze(-1), b)`,
+    transposed back: a kernel-1, one-group, stride-1, unpadded Conv1d is a linear over channels
+    at every position (dilation spaces the taps of a kernel: with one tap it changes nothing)."""
+    x, weight, bias = _argument(node, "input"), _argument(node, "weight"), _argument(node, "bias")
+    if weight not in constant:
+        return None  # a convolution of two activations: not a linear site
+    w = _val(weight)
+    stride, padding, groups = _argument(node, "stride"), _argument(node, "padding"), _argument(node, "groups")
+    unpadded = padding in ("valid", "same") or all(p == 0 for p in padding)  # "same" pads nothing for kernel 1
+    why = [what for what, bad in ((f"kernel size {w.shape[-1]}", w.dim() != 3 or w.shape[-1] != 1),
+                                  (f"groups={groups}", groups != 1),
+                                  (f"stride={list(stride)}", any(v != 1 for v in stride)),
+                                  (f"padding={padding}", not unpadded)) if bad]
+    if why or _val(x).dim() not in (2, 3):
+        what = ", ".join(why) or f"a {_val(x).dim()}-D input"
+        raise _Reject(UNSUPPORTED, f"conv1d with {what}: only a kernel-1, one-group, stride-1, unpadded Conv1d is "
+                                   "quantized (as a linear over its channels)")
+    if weight_chain(weight) is None:
+        raise _Reject(UNSUPPORTED, f"the conv1d weight is computed by {weight.target}: only views, slices and casts "
+                                   "of one parameter are followed")
+    perm = [0, 2, 1] if _val(x).dim() == 3 else [1, 0]
+    return _Plan(x, weight, transpose=False, bias=bias, x_perm=perm, out_perm=perm, squeeze=True)
+
+
+@dataclasses.dataclass
+class _EinsumPlan:
+    """`einsum('x,w->out', x, W)` with a weight of other than 2 indices or several contracted ones,
+    as linears over flattened indices (`'ibh,hnd->ibnd'`: W viewed as (n*d, h); `'ibnd,hnd->ibh'`:
+    x's (n, d) flattened, W viewed as (h, n*d)); with a `head` index shared by x, W and the output
+    (`'bind,snd->bnis'`), one such linear per head, stacked."""
+
+    x: fx.Node
+    weight: fx.Node
+    x_spec: str
+    w_spec: str
+    out_spec: str
+    head: str | None  # the index x, W and the output share (a per-head batched linear), or None
+
+
+def _split_einsum_plan(node: fx.Node, x: fx.Node, weight: fx.Node, x_spec: str, w_spec: str, output: str) -> _EinsumPlan:
+    equation = node.args[0]
+    contracted = [c for c in w_spec if c in x_spec and c not in output]
+    shared = [c for c in w_spec if c in x_spec and c in output]
+    if not contracted:
+        raise _Reject(UNSUPPORTED, f"einsum {equation!r}: the weight shares no contracted index with x (an outer product)")
+    if any(c not in x_spec and c not in output for c in w_spec) or any(c not in w_spec and c not in output for c in x_spec):
+        raise _Reject(UNSUPPORTED, f"einsum {equation!r}: an index summed within one operand")
+    if sorted(output) != sorted((set(x_spec) | set(w_spec)) - set(contracted)):
+        raise _Reject(UNSUPPORTED, f"einsum {equation!r}: the output has indices of neither operand")
+    if len(shared) > 1:
+        raise _Reject(UNSUPPORTED, f"einsum {equation!r}: {len(shared)} indices shared by x, the weight and the output "
+                                   "(one head index is rewritten)")
+    head = shared[0] if shared else None
+    if head is not None and not isinstance(_val(weight).shape[w_spec.index(head)], int):
+        raise _Reject(UNSUPPORTED, f"einsum {equation!r}: the head index {head!r} has no static size")
+    return _EinsumPlan(x, weight, x_spec, w_spec, output, head)
+
+
+def _emit_einsum(apply, plan: _EinsumPlan):
+    """The ops of an _EinsumPlan, through `apply(op, args)` (graph nodes, or fake values for the check)."""
+    if plan.head is None:
+        return _emit_flat(apply, plan.x, plan.weight, plan.x_spec, plan.w_spec, plan.out_spec)
+    h = plan.head
+    outs = []
+    for index in range(_val(plan.weight).shape[plan.w_spec.index(h)]):
+        x = apply(aten.select.int, (plan.x, plan.x_spec.index(h), index))
+        w = apply(aten.select.int, (plan.weight, plan.w_spec.index(h), index))
+        strip = lambda spec: spec.replace(h, "")  # noqa: E731
+        outs.append(_emit_flat(apply, x, w, strip(plan.x_spec), strip(plan.w_spec), strip(plan.out_spec)))
+    return apply(aten.stack.default, (outs, plan.out_spec.index(h)))
+
+
+def _emit_flat(apply, x, w, x_spec: str, w_spec: str, out_spec: str):
+    """x [M..., K...] (permuted), K flattened; W permuted to (N..., K...) and viewed as (prod N, prod K);
+    the linear's last axis unflattened into N and the result permuted to `out_spec`."""
+    k = [c for c in w_spec if c in x_spec]
+    n = [c for c in w_spec if c not in x_spec]
+    m = [c for c in x_spec if c not in w_spec]
+    w_shape = dict(zip(w_spec, (w if isinstance(w, torch.Tensor) else _val(w)).shape))  # a fake value in the check
+    if m + k != list(x_spec):
+        x = apply(aten.permute.default, (x, [x_spec.index(c) for c in m + k]))
+    if len(k) > 1:
+        x = apply(aten.flatten.using_ints, (x, len(m), -1))
+    if n + k != list(w_spec):
+        w = apply(aten.permute.default, (w, [w_spec.index(c) for c in n + k]))
+    if len(n) != 1 or len(k) != 1:
+        w = apply(aten.reshape.default, (w, [math.prod(w_shape[c] for c in n), math.prod(w_shape[c] for c in k)]))
+    y = apply(aten.linear.default, (x, w))
+    if not n:
+        y = apply(aten.squeeze.dim, (y, -1))
+    elif len(n) > 1:
+        y = apply(aten.unflatten.int, (y, -1, [w_shape[c] for c in n]))
+    if m + n != list(out_spec):
+        y = apply(aten.permute.default, (y, [(m + n).index(c) for c in out_spec]))
+    return y
+
+
 def _plan(node: fx.Node, constant: dict) -> _Plan | None:
     """The rewrite of a candidate product, None when it is already canonical or not a linear
     site (no parameter operand), or a _Reject for a parameter product mxfx does not rewrite."""
     target = node.target
+    if target in _CONV1D:
+        return _conv1d_plan(node, constant)
     if target is aten.einsum.default:
         operands = list(node.args[1])
         if not any(o in constant for o in operands):
@@ -208,12 +330,47 @@ def _fake_result(plan: _Plan, fake_mode) -> torch.Tensor:
         if plan.x_perm is not None:
             x = x.permute(plan.x_perm)
         w = _val(plan.weight)
+        w = w.squeeze(-1) if plan.squeeze else w
         w = w.t() if plan.transpose else w
         out = torch.nn.functional.linear(x, w, _val(plan.bias))
         return out.permute(plan.out_perm) if plan.out_perm is not None else out
 
 
-def _check(node: fx.Node, plan: _Plan, fake_mode) -> None:
+def _check_einsum(node: fx.Node, plan: _EinsumPlan, fake_mode) -> None:
+    want = _val(node)
+    try:
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            got = _emit_einsum(lambda op, args: op(*_fake_args(args)), plan)
+    except Exception as error:  # any failure of the fake run means the rewrite does not fit
+        raise _Reject(CHECK_FAILED, f"as linears: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+    if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+        raise _Reject(CHECK_FAILED, f"as linears the output would be {tuple(got.shape)} {got.dtype}, the einsum gives "
+                                    f"{tuple(want.shape)} {want.dtype}")
+
+
+def _fake_args(args):
+    return fx.node.map_aggregate(args, lambda a: _val(a) if isinstance(a, fx.Node) else a)
+
+
+def _rewrite_einsum(gm: fx.GraphModule, node: fx.Node, plan: _EinsumPlan, fake_mode) -> list[fx.Node]:
+    linears = []
+
+    def apply(op, args):
+        created = create_call(gm, op, args, node, fake_mode)
+        if op is aten.linear.default:
+            linears.append(created)
+        return created
+
+    with gm.graph.inserting_before(node):
+        out = _emit_einsum(apply, plan)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return linears
+
+
+def _check(node: fx.Node, plan: _Plan | _EinsumPlan, fake_mode) -> None:
+    if isinstance(plan, _EinsumPlan):
+        return _check_einsum(node, plan, fake_mode)
     want = _val(node)
     w = _val(plan.weight)
     k = w.shape[0] if plan.transpose else w.shape[1]
@@ -236,6 +393,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, plan: _Plan, fake_mode) -> fx.No
         if plan.x_perm is not None:
             x = create_call(gm, aten.permute.default, (x, plan.x_perm), node, fake_mode)
         weight = plan.weight
+        if plan.squeeze:
+            weight = create_call(gm, aten.squeeze.dim, (weight, -1), node, fake_mode)
         if plan.transpose:
             inner = _strip_transpose(weight)
             weight = inner if inner is not None else create_call(gm, aten.t.default, (weight,), node, fake_mode)
@@ -259,6 +418,8 @@ def _site(node: fx.Node, form: str, status: str, reason: str, weight: Any, const
 
 
 def _weight_operand(node: fx.Node, constant: dict) -> Any:
+    if node.target in _CONV1D:
+        return node.args[1]
     if node.target is aten.einsum.default:
         return next((o for o in node.args[1] if o in constant), None)
     if node.target is aten.addmm.default:
@@ -281,7 +442,7 @@ class CanonicalizeLinearPass(PassBase):
         constant = _constant_params(gm)
         rewrites = annotated = 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in FORMS or node.kwargs.keys() - {"beta", "alpha", "bias"}:
+            if node.op != "call_function" or node.target not in FORMS or node.kwargs.keys() - _KWARGS:
                 continue
             form = FORMS[node.target]
             try:
@@ -297,8 +458,10 @@ class CanonicalizeLinearPass(PassBase):
                 continue
             if plan is None:
                 continue
-            linear = _rewrite(gm, node, plan, fake_mode)
-            annotate(linear, _site(linear, form, NO_RULE, "", linear.args[1], constant))
+            linears = _rewrite_einsum(gm, node, plan, fake_mode) if isinstance(plan, _EinsumPlan) else [
+                _rewrite(gm, node, plan, fake_mode)]
+            for linear in linears:
+                annotate(linear, _site(linear, form, NO_RULE, "", linear.args[1], constant))
             rewrites += 1
             log.debug("canonicalized %s (%s) into aten.linear", node.name, form)
         if rewrites:

@@ -108,7 +108,8 @@ def test_explicit_and_fused_attention_agree(name):
             continue
         prepared = mxfx.prepare(model, everything, args, example_kwargs=kwargs)
         forms[impl] = {s.form for s in prepared.mxfx_report.sites if s.kind == "attention"}
-        assert all(s.quantized for s in prepared.mxfx_report.sites)
+        # every site but the convolution stems (ViT's patch embedding, Whisper's kernel-3 Conv1d: reported)
+        assert all(s.quantized for s in prepared.mxfx_report.sites if s.form not in ("conv1d", "conv2d"))
         with torch.no_grad():
             outputs[impl] = prepared(*args, **kwargs)[0]
     assert forms["eager"] == ({"baddbmm"} if name == "bloom" else {"matmul"})

@@ -459,6 +459,11 @@ class EinsumTwoContracted(nn.Module):
         return torch.einsum("bhk,hkn->bn", x, self.weight)
 
 
+class EinsumOuter(EinsumTwoContracted):
+    def forward(self, x):  # no index contracted: an outer product per (h, k), not a linear
+        return torch.einsum("bhk,hkn->bhkn", x, self.weight)
+
+
 class Bmm3D(nn.Module):
     def __init__(self):
         super().__init__()
@@ -493,8 +498,10 @@ class ImplicitEinsumAttention(nn.Module):
 
 def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     sites = mxfx.find_sites(mxfx.export(EinsumTwoContracted(), (torch.randn(2, 4, 16),)), config())
+    assert [(s.fqn, s.form, s.status, s.weight_shape) for s in sites] == [("weight", "einsum", QUANTIZED, (8, 64))]
+    sites = mxfx.find_sites(mxfx.export(EinsumOuter(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "einsum", UNSUPPORTED)]
-    assert "indices" in sites[0].reason
+    assert "no contracted index" in sites[0].reason
     sites = mxfx.find_sites(mxfx.export(Bmm3D(), (torch.randn(2, 4, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "bmm", UNSUPPORTED)]
     assert "3-D and not a broadcast of a 2-D weight" in sites[0].reason

@@ -23,7 +23,7 @@ from mxfx.graph.config import MXSpec
 from mxfx.graph.sites import ATTENTION, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 from mxfx.passes._utils import module_path
-from mxfx.passes.match_attention_sites import SOFTMAXES
+from mxfx.passes.match_attention_sites import PRODUCTS, SOFTMAXES, product_operands
 
 mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
 
@@ -140,8 +140,8 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
             specs = [_arg_text(s) for s in node.args[7:11]]
             rows.append(_row(_site_name(node), "attention (sdpa)", _rule_label(gm, node), "-",
                              f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}", "-"))
-        elif node.target in (aten.matmul.default, aten.bmm.default, aten.einsum.default):
-            operands = list(node.args[1]) if node.target is aten.einsum.default else list(node.args[:2])
+        elif node.target in PRODUCTS:  # an explicit attention's QK^T or PV (baddbmm: batch1 @ batch2)
+            operands = list(product_operands(node))
             quantized = [o for o in operands if isinstance(o, fx.Node) and o.target is mxfx_ops.fake_quantize.default]
             if quantized:
                 half, site = halves.get(node.name, (None, None))

@@ -30,6 +30,7 @@ from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_attention_sites import SDPA, MatchAttentionSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
+from mxfx.passes.report_unquantized import ReportUnquantizedPass
 from mxfx.passes.rotate_attention import RotateAttentionPass
 from mxfx.passes.rotate_linear import RotateLinearPass
 
@@ -159,8 +160,10 @@ def _detach_parameters(gm: fx.GraphModule) -> None:
 
 def matching_passes(config: QuantConfig) -> list:
     """The passes that find and annotate sites (the graph's math is unchanged apart from
-    rewriting linear-like products into `aten.linear`)."""
-    return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchAttentionSitesPass(config)]
+    rewriting linear-like products into `aten.linear`), ending with the completeness pass that
+    records every weight use and attention-like softmax no other pass decided about."""
+    return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchAttentionSitesPass(config),
+            ReportUnquantizedPass(config)]
 
 
 def pipeline(config: QuantConfig, calibration: Any = None) -> list:
@@ -185,26 +188,18 @@ def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:
 
 
 def _record_unrewritten_attention(gm: fx.GraphModule) -> None:
-    """An attention site a rule quantizes that the attention pass left as it was is recorded
-    UNSUPPORTED with the reason, not QUANTIZED: an SDPA call with dropout_p > 0 (mxfx.numerics.attention
-    has no dropout), or an explicit form whose matmuls got no quantized operand (an einsum the
-    pass does not handle)."""
+    """A safety net: an explicit attention site a rule quantizes whose matmuls the attention pass
+    left without a quantized operand is recorded UNSUPPORTED, not QUANTIZED. (Forms the attention
+    pass cannot rewrite, such as an SDPA call with dropout, are UNSUPPORTED at matching already, so
+    that `find_sites` reports them too.)"""
     by_name = {node.name: node for node in gm.graph.nodes}
     for node in gm.graph.nodes:
         site = site_of(node)
-        if site is None or site.kind != ATTENTION or not site.quantized:
+        if site is None or site.kind != ATTENTION or not site.quantized or node.target is SDPA:
             continue
-        if node.target is SDPA:
-            args = dict(zip((a.name for a in SDPA._schema.arguments), node.args)) | dict(node.kwargs)
-            dropout = args.get("dropout_p", 0.0)
-            why = (f"scaled_dot_product_attention with dropout_p={dropout} (a training-mode graph): mxfx.attention "
-                   "has no dropout; export the model in eval mode" if dropout else
-                   "the attention pass left this SDPA call unchanged")
-        elif site.nodes and not any(_has_quantized_operand(by_name.get(name)) for name in site.nodes):
-            why = "the attention pass quantized neither matmul (a form it does not handle, e.g. this einsum)"
-        else:
-            continue
-        annotate(node, dataclasses.replace(site, status=UNSUPPORTED, reason=why, attention=None))
+        if site.nodes and not any(_has_quantized_operand(by_name.get(name)) for name in site.nodes):
+            why = "the attention pass quantized neither matmul (a form it does not handle)"
+            annotate(node, dataclasses.replace(site, status=UNSUPPORTED, reason=why, attention=None))
 
 
 def _has_quantized_operand(matmul: fx.Node | None) -> bool:
