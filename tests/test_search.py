@@ -207,6 +207,30 @@ def test_front_is_monotone_has_uniform_references_and_reproducible_metrics(tmp_p
     assert "| config" in front.table()
 
 
+def test_search_resumes_after_an_interrupted_verification_and_equals_an_uninterrupted_run(tmp_path):
+    """Sensitivity rows and each verified config are on disk as they finish: a search stopped after
+    two verified configs resumes with the rest (no sensitivity row or config measured again), and
+    its front equals an uninterrupted search's."""
+    model, batches = fixture()
+    path = tmp_path / "search.json"
+    args = dict(candidates=PAIRS[:2], budgets=[4.5, 6.25], mode="isolated")
+
+    def stop_after_two_verified(done, total, elapsed, label):
+        if label.startswith(("search", "uniform")) and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mxfx.search(model, batches, progress=stop_after_two_verified, resume=path, **args)
+    calls = []
+    resumed = mxfx.search(model, batches, progress=lambda *a: calls.append(a), resume=path, **args)
+    assert [(c[0], c[1], c[3].split()[0]) for c in calls] == [(3, 4, "uniform"), (4, 4, "uniform")]
+    fresh = mxfx.search(model, batches, progress=False, **args)
+    assert [(p.label, p.value) for p in resumed.points] == [(p.label, p.value) for p in fresh.points]
+    other = dict(args, candidates=PAIRS[1:3])
+    with pytest.raises(mxfx.MXValueError, match="another run"):
+        mxfx.search(model, batches, progress=False, resume=path, **other)
+
+
 def test_front_plot_writes_png_without_touching_the_backend(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     model, batches = fixture()

@@ -283,13 +283,45 @@ def test_resume_picks_up_an_interrupted_run_without_remeasuring(tmp_path):
     assert seen[-1] == (3, 8) and len(json.loads(path.read_text())["rows"]) == 3
     calls = []
     full = mxfx.sensitivity(model, batches, FORMATS, mode="isolated", resume=path, progress=lambda *a: calls.append(a))
-    assert len(full.rows) == 8 and len(calls) == 5 and calls[-1][:2] == (5, 5)
+    assert len(full.rows) == 8 and len(calls) == 5 and calls[0][:2] == (4, 8) and calls[-1][:2] == (8, 8)
     again = []
     same = mxfx.sensitivity(model, batches, FORMATS, mode="isolated", resume=path, progress=lambda *a: again.append(a))
     assert again == [] and same.rows == full.rows
     fresh = mxfx.sensitivity(model, batches, FORMATS, mode="isolated", progress=None)
     assert full.rows == fresh.rows
     assert SensitivityReport.from_json(path.read_text()).rows == fresh.rows
+
+
+@pytest.mark.parametrize("mode", ["local", "gradient", "all-but-one"])
+def test_every_mode_resumes_after_an_interrupt_and_equals_an_uninterrupted_run(tmp_path, mode):
+    """The unit of work is a batch in local/gradient modes and a (site, candidate) in the others; a
+    run stopped after unit 2 resumes at unit 3 (nothing finished is measured again) and its report
+    equals an uninterrupted run's, bit for bit."""
+    model, batches = fragile()
+    batches = list(batches) * 2 if mode != "all-but-one" else batches  # local/gradient: >= 3 batches
+    path = tmp_path / f"{mode}.json"
+
+    def interrupt_after_two(done, total, elapsed, label):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mxfx.sensitivity(model, batches, FORMATS, mode=mode, progress=interrupt_after_two, resume=path)
+    calls = []
+    resumed = mxfx.sensitivity(model, batches, FORMATS, mode=mode, resume=path, progress=lambda *a: calls.append(a))
+    total = len(batches) if mode in ("local", "gradient") else 8
+    assert [c[0] for c in calls] == list(range(3, total + 1)) and calls[0][1] == total
+    fresh = mxfx.sensitivity(model, batches, FORMATS, mode=mode, progress=False)
+    assert resumed.rows == fresh.rows
+    assert not list(tmp_path.glob("*.batches*"))  # the per-batch state is gone once the run is done
+
+
+def test_progress_takes_true_false_or_a_callable():
+    model, batches = fragile()
+    for progress in (True, False, None):
+        assert mxfx.sensitivity(model, batches, ["fp8_e4m3"], mode="local", progress=progress).rows
+    with pytest.raises(TypeError, match="progress"):
+        mxfx.sensitivity(model, batches, ["fp8_e4m3"], mode="local", progress="yes")
 
 
 def test_resume_refuses_a_changed_run(tmp_path):

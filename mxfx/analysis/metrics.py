@@ -73,6 +73,21 @@ class MetricAccumulator:
             self.kl_sum += F.kl_div(log_tst, log_ref, log_target=True, reduction="sum").item()
             self.tokens += rows_ref.shape[0]
 
+    def state(self) -> dict:
+        """The running sums, JSON-serializable (floats round-trip exactly through `json`)."""
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict) -> MetricAccumulator:
+        """An accumulator continuing from `state()`: adding the remaining batches gives the same result
+        bit for bit as one accumulator that saw every batch."""
+        acc = cls()
+        for key, value in state.items():
+            if not hasattr(acc, key):
+                raise MXValueError(f"not a MetricAccumulator state: unknown field {key!r}")
+            setattr(acc, key, value)
+        return acc
+
     def result(self) -> dict[str, float | None]:
         """{sqnr, mse, cosine, kl, rel_error} over every batch added; None for what was not computed."""
         if self.count == 0:

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mxfx.analysis import distributed
+from mxfx.analysis.noise import NoiseFloor
 from mxfx.analysis.sensitivity_modes import PROJECTION_SEED, PROJECTIONS
 from mxfx.analysis.sensitivity_report import SensitivityReport
 from mxfx.errors import MXValueError
@@ -39,7 +40,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def _batch_fingerprint(batches: list[tuple]) -> dict:
+def batch_fingerprint(batches: list[tuple]) -> dict:
     shapes, parts = [], []
     for batch in batches:
         leaves = pytree.tree_leaves(batch)
@@ -49,7 +50,7 @@ def _batch_fingerprint(batches: list[tuple]) -> dict:
     return {"shapes": shapes, "hash": _digest(*parts)}
 
 
-def _parameter_fingerprint(model: torch.nn.Module) -> dict:
+def parameter_fingerprint(model: torch.nn.Module) -> dict:
     """name -> digest of (shape, dtype, sum, sum of |x|, a strided sample of <= 64 elements): cheap
     on large models, and any edit that matters for a report changes it."""
     out = {}
@@ -61,7 +62,7 @@ def _parameter_fingerprint(model: torch.nn.Module) -> dict:
     return out
 
 
-def _callable_identity(fn: Callable | None) -> str:
+def callable_identity(fn: Callable | None) -> str:
     if fn is None:
         return f"default: {PROJECTIONS} random projections of the primary output, seed {PROJECTION_SEED}"
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
@@ -79,9 +80,9 @@ def run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds
         "sites": [f"{t.kind}:{t.fqn}" for t in targets],
         "kinds": list(kinds),
         "metric_inputs": compared,
-        "loss_fn": _callable_identity(loss_fn) if mode == "gradient" else None,
-        "batches": _batch_fingerprint(batches),
-        "parameters": _parameter_fingerprint(model),
+        "loss_fn": callable_identity(loss_fn) if mode == "gradient" else None,
+        "batches": batch_fingerprint(batches),
+        "parameters": parameter_fingerprint(model),
         # None for noise=0, as in files written before the noise floor existed (they still resume)
         "noise": {"runs": noise, "sources": list(noise_sources)} if noise else None,
     }
@@ -136,10 +137,12 @@ def _write_json(path: Path, text: str) -> None:
 
 class ResumeWriter:
     """Rewrites the resume file as rows complete: the report itself in one process, one partial
-    file per rank (`<path>.rank<r>`) in a sharded run, merged by rank 0 at the end."""
+    file per rank (`<path>.rank<r>`) in a sharded run, merged by rank 0 at the end. Modes whose unit
+    of work is a batch (local, gradient) also keep their running sums in `<path>.batches[.rank<r>]`
+    after each batch (`save_partial`), removed when the run finishes."""
 
     def __init__(self, path, fingerprint, mode, metric, candidates, unmeasured, rank, world, done, noise) -> None:
-        self.path, self.rank, self.world = path, rank, world
+        self.path, self.rank, self.world, self.fingerprint = path, rank, world, fingerprint
         self.base = SensitivityReport(list(done.values()) if world == 1 else [], mode, metric, candidates, unmeasured,
                                       fingerprint, noise)
 
@@ -150,9 +153,42 @@ class ResumeWriter:
         target = self.path if self.world == 1 else self.path.with_name(f"{self.path.name}.rank{self.rank}")
         _write_json(target, self.base.to_json())
 
+    @property
+    def resumed_rows(self) -> int:
+        """Rows of this process taken from the resume file (0 in a sharded run)."""
+        return len(self.base.rows) if self.path is not None and self.world == 1 else 0
+
+    def _partial_path(self) -> Path:
+        suffix = ".batches" if self.world == 1 else f".batches.rank{self.rank}"
+        return self.path.with_name(self.path.name + suffix)
+
+    def save_partial(self, state: dict) -> None:
+        """Record the running state of a batch-by-batch measurement (JSON; floats round-trip exactly)."""
+        if self.path is not None:
+            _write_json(self._partial_path(), json.dumps({"run": self.fingerprint, **state}))
+
+    def load_partial(self, items: list[int]) -> dict | None:
+        """The saved state of the same run and the same work items, or None. A state of another run
+        is refused (MXValueError); one of another sharding (other items) is logged and not used."""
+        if self.path is None or not self._partial_path().is_file():
+            return None
+        path = self._partial_path()
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise MXValueError(f"cannot resume from {path}: not a sensitivity state file ({error})") from None
+        _check_same_run(state.get("run"), self.fingerprint, path)
+        if state.get("items") != items:
+            log.warning("sensitivity: %s holds the state of other work items (another number of ranks?); "
+                        "measuring every batch again", path)
+            return None
+        return state
+
     def finish(self, report: SensitivityReport) -> None:
         if self.path is None:
             return
+        if self._partial_path().is_file():
+            self._partial_path().unlink()
         distributed.barrier(self.world)
         if self.rank == 0:
             _write_json(self.path, report.to_json())
@@ -161,3 +197,36 @@ class ResumeWriter:
         distributed.barrier(self.world)
 
 
+class VerifiedStore:
+    """Measurements of verified configs, keyed by the config's TOML text, kept in
+    `<path>.verified.json` and rewritten after each one (search's resume). The file records what
+    defines the measurement (`run`: metric, eval_fn, noise, evaluation batches, parameters); a file
+    of another run is refused. `path=None` keeps nothing."""
+
+    def __init__(self, path: str | Path | None, run: dict) -> None:
+        self.path = None if path is None else Path(path).with_name(Path(path).name + ".verified.json")
+        self.run = json.loads(json.dumps(run))  # as it reads back from the file
+        self.entries: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError) as error:
+                raise MXValueError(f"cannot resume from {self.path}: not a search verification file ({error})") from None
+            _check_same_run(data.get("run"), self.run, self.path)
+            self.entries = data["entries"]
+
+    def has(self, toml: str) -> bool:
+        return _digest(toml) in self.entries
+
+    def get(self, toml: str) -> dict | NoiseFloor | None:
+        entry = self.entries.get(_digest(toml))
+        if entry is None:
+            return None
+        return NoiseFloor.from_dict(entry["noise_floor"]) if "noise_floor" in entry else entry["metrics"]
+
+    def put(self, toml: str, measured: dict | NoiseFloor) -> None:
+        if self.path is None:
+            return
+        entry = {"noise_floor": measured.to_dict()} if isinstance(measured, NoiseFloor) else {"metrics": measured}
+        self.entries[_digest(toml)] = entry
+        _write_json(self.path, json.dumps({"run": self.run, "entries": self.entries}))

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +45,7 @@ from mxfx.analysis.noise import (
     check_arguments,
     noise_floor_of,
 )
+from mxfx.analysis.resume import VerifiedStore, batch_fingerprint, callable_identity, parameter_fingerprint
 from mxfx.analysis.search_results import Front, FrontPoint, SearchResult  # noqa: F401  (public here)
 from mxfx.analysis.solver import solve
 from mxfx.errors import MXValueError
@@ -54,6 +54,7 @@ from mxfx.graph.export import export
 from mxfx.graph.prepare import prepare
 from mxfx.graph.sites import ATTENTION, LINEAR
 from mxfx.numerics.formats import get_format
+from mxfx.progress import Progress, Reporter
 
 log = logging.getLogger(__name__)
 # the module, not the function `mxfx.sensitivity` that shadows it as a package attribute
@@ -73,10 +74,6 @@ def _bits(fmt: str | None, block_size: int, high_precision_bits: int) -> Fractio
     if fmt is None:
         return Fraction(high_precision_bits)
     return Fraction(get_format(fmt).bits) + Fraction(8, block_size)  # element bits + one E8M0 scale per block
-
-
-def _log_progress(done: int, total: int, elapsed: float, label: str) -> None:
-    log.info("search %d/%d (%s), %.1f s elapsed", done, total, label, elapsed)
 
 
 # --- losses -------------------------------------------------------------------------------------
@@ -116,7 +113,7 @@ def _is_causal_lm(model, batch: tuple) -> bool:
 
 
 def measure(model, batches, candidates, *, mode="gradient", sites=None, block_size=32, loss_fn=None,
-            progress=_log_progress) -> list[dict]:
+            progress: Progress = True, resume: str | Path | None = None) -> list[dict]:
     """The per-(site, candidate) loss rows a search minimizes, from `mxfx.sensitivity`.
 
     In gradient mode without a `loss_fn`, a causal LM gets `causal_lm_loss` (next-token
@@ -130,7 +127,7 @@ def measure(model, batches, candidates, *, mode="gradient", sites=None, block_si
     if mode == "gradient" and loss_fn is None and _is_causal_lm(model, batches[0]):
         loss_fn = causal_lm_loss
     report = sensitivity_module.sensitivity(model, batches, candidates=candidates, mode=mode, sites=sites,
-                                             block_size=block_size, progress=progress,
+                                             block_size=block_size, progress=progress, resume=resume,
                                              **({"loss_fn": loss_fn} if mode == "gradient" else {}))
     for row in getattr(report, "unmeasured", []):
         log.warning("search: site %s (%s) not measured, left out: %s", row.get("site"), row.get("kind"), row.get("reason"))
@@ -182,7 +179,8 @@ def search(
     block_size: int = 32,
     toml_path: str | Path | None = None,
     plot: str | Path | None = None,
-    progress: Callable[[int, int, float, str], None] | None = _log_progress,
+    progress: Progress = True,
+    resume: str | Path | None = None,
     loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None,
     eval_fn: Callable[[torch.nn.Module], float] | None = None,
     eval_inputs=None,
@@ -208,7 +206,12 @@ def search(
         block_size: MX block size of every spec.
         toml_path: write the (single-budget) config here.
         plot: write the front's plot here (budgets only).
-        progress: progress(done, total, elapsed_s, label) during measurement and evaluation.
+        progress: True (a tqdm bar on a terminal, else log lines), False, or a callable
+            progress(done, total, elapsed_s, label) (`mxfx.progress`), during measurement and evaluation.
+        resume: a path: the sensitivity measurement resumes from it (`mxfx.sensitivity`'s resume),
+            and each verified config's measurement is written to `<path>.verified.json` as it
+            finishes; a rerun of the same search skips what is there (a file of another search is
+            refused with MXValueError).
         loss_fn: loss_fn(output, batch) -> scalar for mode="gradient" (default: see `measure`).
         eval_fn: eval_fn(prepared) -> float, the end-to-end metric (e.g. held-out perplexity);
             default: model-output metrics vs the unquantized model on `eval_inputs`.
@@ -247,11 +250,13 @@ def search(
     batches = as_batches(inputs, "search")
     wanted = None if sites is None else list(dict.fromkeys(sites))
     rows = _rows_from_report(report) if report is not None else measure(
-        model, batches, candidates, mode=mode, sites=wanted, block_size=block_size, loss_fn=loss_fn, progress=progress)
+        model, batches, candidates, mode=mode, sites=wanted, block_size=block_size, loss_fn=loss_fn, progress=progress,
+        resume=resume)
     table = _loss_table(rows, candidates, wanted)
     hp_weight_bits = next((p.dtype.itemsize * 8 for p in model.parameters() if p.is_floating_point()), 32)
     program = export(model, batches[0])
-    evaluate = _evaluator(program, batches[0], as_batches(eval_inputs, "search") if eval_inputs is not None else batches, eval_fn, metric, noise, noise_sources)
+    eval_batches = as_batches(eval_inputs, "search") if eval_inputs is not None else batches
+    evaluate = _evaluator(program, batches[0], eval_batches, eval_fn, metric, noise, noise_sources)
     common = dict(table=table, block_size=block_size, hp_weight_bits=hp_weight_bits, act_budget_bits=act_budget_bits,
                   mode=mode if report is None else getattr(report, "mode", mode))
     if budget_bits is not None:
@@ -260,25 +265,26 @@ def search(
         if toml_path is not None:
             Path(toml_path).write_text(result.toml)
         return config, result
-    points, start = [], time.perf_counter()
+    points = []
     budgets = sorted(float(b) for b in budgets)
-    total = len(budgets) + len(candidates)
-    for budget in budgets:
-        config, result = _solve_one(budget, **common)
-        _measure_into(result, evaluate(config))
-        points.append(FrontPoint(f"search {budget:g}", "search", result.average_bits, result.average_activation_bits,
+    plans = [(f"search {b:g}", "search", _solve_one(b, **common)) for b in budgets]
+    plans += [(f"uniform {candidate_label(c)}", "uniform", _uniform(c, **common)) for c in candidates]
+    verified = VerifiedStore(resume, {"metric": metric, "eval_fn": callable_identity(eval_fn), "noise": noise,
+                                      "noise_sources": list(noise_sources) if noise else [],
+                                      "eval_batches": batch_fingerprint(eval_batches),
+                                      "parameters": parameter_fingerprint(model)})
+    reporter = Reporter(progress, len(plans), "search: verifying", done=sum(verified.has(r.toml) for *_, (_, r) in plans))
+    for label, kind, (config, result) in plans:
+        measured = verified.get(result.toml)
+        if measured is None:
+            measured = evaluate(config)
+            verified.put(result.toml, measured)
+            reporter.update(label)
+        _measure_into(result, measured)
+        points.append(FrontPoint(label, kind, result.average_bits, result.average_activation_bits,
                                  result.measured[metric], result, config,
                                  spread=None if result.spread is None else result.spread[metric]))
-        if progress is not None:
-            progress(len(points), total, time.perf_counter() - start, points[-1].label)
-    for candidate in candidates:
-        config, result = _uniform(candidate, **common)
-        _measure_into(result, evaluate(config))
-        points.append(FrontPoint(f"uniform {candidate_label(candidate)}", "uniform", result.average_bits,
-                                 result.average_activation_bits, result.measured[metric], result, config,
-                                 spread=None if result.spread is None else result.spread[metric]))
-        if progress is not None:
-            progress(len(points), total, time.perf_counter() - start, points[-1].label)
+    reporter.close()
     front = Front(points, metric, higher_is_better, noise, noise_sources if noise else ())
     if plot is not None:
         front.plot(plot)

@@ -78,6 +78,7 @@ from mxfx.errors import MXTypeError, MXValueError
 from mxfx.graph.export import export
 from mxfx.graph.prepare import find_sites
 from mxfx.graph.sites import ATTENTION, KINDS, LINEAR
+from mxfx.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ MODES = ("local", "isolated", "all-but-one", "gradient")
 SORT_KEYS = ("loss", *METRICS)
 
 
-
-
-def _progress_logger(done: int, total: int, elapsed: float, label: str) -> None:
-    eta = elapsed / done * (total - done) if done else float("nan")
-    log.info("sensitivity %d/%d (%s), %.1f s elapsed, ~%.1f s left", done, total, label, elapsed, eta)
-
-
-# --- measuring ---------------------------------------------------------------------------------
 
 
 def sensitivity(
@@ -109,7 +102,7 @@ def sensitivity(
     loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None,
     activations: bool = True,
     strict: bool = False,
-    progress: Callable[[int, int, float, str], None] | None = _progress_logger,
+    progress: Progress = True,
     resume: str | Path | None = None,
     noise: int = 0,
     noise_sources: Sequence[str] = ("jitter", "split"),
@@ -133,11 +126,13 @@ def sensitivity(
             (default: random projections of the primary output, see the module docstring).
         activations: with `formats`, False makes the candidates (f, None) (weight-only).
         strict: torch.export's strict mode.
-        progress: called as progress(done, total, elapsed_s, label) after each measured
-            (site, candidate) of this process; rows taken from a resume file are not counted.
+        progress: True (a tqdm bar on a terminal, else log lines), False, or a callable
+            progress(done, total, elapsed_s, label) (`mxfx.progress`), after each unit of work of this
+            process: a batch in local and gradient modes, a (site, candidate) in the others.
         resume: a JSON path: if it exists it must come from the same run (mode, candidates, block
             size, sites, kinds, compared outputs, loss_fn, batches, parameters), else MXValueError
-            names what differs; its rows are reused and the file is rewritten as rows complete.
+            names what differs; its rows are reused and the file is rewritten as each unit of work
+            completes (an interrupted run resumed repeats at most the unit it was in).
         noise: 0 (default): no noise floor. N >= 1: for each candidate, measure the model with every
             measured site quantized under N 1-ulp jitters (+ `noise_sources`) and keep each
             metric's spread (`report.noise`; a row whose |loss| is within the loss floor is marked

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from mxfx.analysis.site_switch import Recorder, Target, config_for, site_outputs
 from mxfx.errors import MXValueError
 from mxfx.graph.prepare import prepare
 from mxfx.graph.sites import ATTENTION, LINEAR
+from mxfx.progress import Reporter
 
 PROJECTIONS, PROJECTION_SEED = 4, 0  # gradient mode's default scalar (mxfx.analysis.sensitivity's docstring)
 
@@ -43,13 +43,25 @@ def _unchanged(target: Target, candidate: Candidate, mode: str, numel: int, kl: 
 
 
 def measure_local(program, base, targets, mine, batches, mode, block_size, loss_fn, progress, writer) -> dict:
-    """local and gradient modes: one recording pass per batch (gradient: with backward passes)."""
+    """local and gradient modes: one recording pass per batch (gradient: with backward passes). The
+    unit of work is a batch: after each one the running sums of every row go to the writer's partial
+    state, so an interrupted run resumes at the next batch."""
     grad = mode == "gradient"
-    accs = {i: MetricAccumulator(kl=False) for i, _, _ in mine}
-    scores = {i: 0.0 for i, _, _ in mine}
+    items = [i for i, _, _ in mine]
+    saved = writer.load_partial(items)
+    accs = {i: MetricAccumulator(kl=False) for i in items}
+    scores = {i: 0.0 for i in items}
     numel: dict[str, int] = {t.fqn: 0 for t in targets}
-    start = time.perf_counter()
-    for batch in batches:
+    first = 0
+    if saved is not None:
+        first = saved["batches_done"]
+        accs = {i: MetricAccumulator.from_state(saved["accumulators"][str(i)]) for i in items}
+        scores = {i: saved["scores"][str(i)] for i in items}
+        numel = dict(saved["numel"])
+        log.info("sensitivity: resuming %s mode after batch %d of %d", mode, first, len(batches))
+    reporter = Reporter(progress, len(batches), f"sensitivity ({mode})", done=first)
+    for b in range(first, len(batches)):
+        batch = batches[b]
         recorder = Recorder(base, targets, keep=True, grad=grad)
         flat = pytree.tree_leaves(batch)
         with torch.set_grad_enabled(grad):
@@ -81,8 +93,12 @@ def measure_local(program, base, targets, mine, batches, mode, block_size, loss_
                     if g2 is not None:  # None: the scalar does not depend on this output (score 0)
                         scores[i] += (g2.double() * (quantized.double() - reference.double()).square()).sum().item()
         del recorder, fisher, output
+        writer.save_partial({"batches_done": b + 1, "items": items, "numel": numel, "scores": {str(i): scores[i] for i in items},
+                             "accumulators": {str(i): accs[i].state() for i in items}})
+        reporter.update(f"batch {b + 1}/{len(batches)}")
+    reporter.close()
     results = {}
-    for n, (i, target, candidate) in enumerate(mine, 1):
+    for i, target, candidate in mine:
         if target.kind == ATTENTION and candidate[1] is None:
             row = _unchanged(target, candidate, mode, numel[target.fqn], kl=False)
         else:
@@ -90,8 +106,6 @@ def measure_local(program, base, targets, mine, batches, mode, block_size, loss_
             row = _row(target, candidate, mode, numel[target.fqn], metrics, scores[i] if grad else metrics["mse"])
         results[i] = row
         writer.add(row)
-        if progress is not None:
-            progress(n, len(mine), time.perf_counter() - start, f"{target.fqn} {candidate_label(candidate)}")
     return results
 
 
@@ -141,8 +155,10 @@ def measure_model(program, base, targets, mine, batches, mode, block_size, loss_
         return acc.result()
 
     everything: dict[Candidate, dict] = {}  # all-but-one: metrics with every site quantized, per candidate
-    results, start = {}, time.perf_counter()
-    for n, (i, target, candidate) in enumerate(mine, 1):
+    results = {}
+    already = writer.resumed_rows  # counted as done: a resumed bar starts where the interrupted one stopped
+    reporter = Reporter(progress, already + len(mine), f"sensitivity ({mode})", done=already)
+    for i, target, candidate in mine:
         if mode == "all-but-one" and candidate not in everything:
             everything[candidate] = run(_all_but(targets, None, candidate))
         if target.kind == ATTENTION and candidate[1] is None:
@@ -157,8 +173,8 @@ def measure_model(program, base, targets, mine, batches, mode, block_size, loss_
             row = _row(target, candidate, mode, numel[target.fqn], metrics, everything[candidate]["mse"] - metrics["mse"])
         results[i] = row
         writer.add(row)
-        if progress is not None:
-            progress(n, len(mine), time.perf_counter() - start, f"{target.fqn} {candidate_label(candidate)}")
+        reporter.update(f"{target.fqn} {candidate_label(candidate)}")
+    reporter.close()
     return results
 
 
