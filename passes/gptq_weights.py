@@ -13,7 +13,6 @@ store as they are (re-quantizing could pick other scales).
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from mxfx.passes._utils import PRECOMPUTED_META, count_rewrites, create_get_attr, evaluate_chain, fake_mode_of, finish
@@ -25,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from mxfx.errors import ConfigError
 from mxfx.graph.config import QuantConfig
 from mxfx.graph.sites import site_of
+from mxfx.progress import Progress, Reporter
 from mxfx.recovery.gptq import gptq_quantize
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class GPTQWeightsPass(PassBase):
         ConfigError: a site asks for GPTQ and no calibration batches were given.
     """
 
-    def __init__(self, config: QuantConfig, calibration=None) -> None:
+    def __init__(self, config: QuantConfig, calibration=None, progress: Progress = True) -> None:
         self.config = config
         self.calibration = calibration
+        self.progress = progress  # mxfx.progress: a bar on a terminal, else log lines; per batch, then per layer
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = []
@@ -101,15 +102,16 @@ class GPTQWeightsPass(PassBase):
             raise ConfigError(f"{sites[0][3].name or 'a rule'} asks for weight_rounding = 'gptq': pass calibration "
                               "batches to mxfx.prepare(..., calibration=[...])")
         recorder = _Recorder(gm, {node.name: node.args[0].name for node, *_ in sites})
-        start = time.perf_counter()
-        with torch.no_grad():
-            for index, batch in enumerate(self.calibration):
+        batches = list(self.calibration)
+        with torch.no_grad(), Reporter(self.progress, len(batches), "GPTQ calibration") as reporter:
+            for index, batch in enumerate(batches):
                 recorder.run_batch(calibration_inputs(batch))
-                log.info("GPTQ calibration: batch %d done (%.1f s)", index + 1, time.perf_counter() - start)
+                reporter.update(f"batch {index + 1}")
         if not recorder.hessians:
             raise ConfigError("GPTQ calibration: the calibration batches are empty")
         fake_mode = fake_mode_of(gm)
         replaced: set[str] = set()
+        reporter = Reporter(self.progress, len(sites), "GPTQ")
         for count, (node, site, weight, rule) in enumerate(sites, 1):
             hessian = recorder.hessians[node.args[0].name]
             attr, chain = weight
@@ -123,7 +125,8 @@ class GPTQWeightsPass(PassBase):
             node.update_arg(1, new_weight)
             replaced.add(str(attr.target))
             node.meta[DONE_META] = True
-            log.info("GPTQ %d/%d: %s (%.1f s)", count, len(sites), site.fqn, time.perf_counter() - start)
+            reporter.update(site.fqn)
+        reporter.close()
         finish(gm)
         drop_unread(gm, replaced)
         count_rewrites(gm, type(self).__name__, len(sites))
