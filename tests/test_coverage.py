@@ -106,6 +106,7 @@ def test_kernel1_conv1d_is_a_linear_site():
         assert sites["strided"].status == UNSUPPORTED and "stride=[2]" in sites["strided"].reason
         assert sites["grouped"].status == UNSUPPORTED and "groups=2" in sites["grouped"].reason
         assert count(prepared, torch.ops.aten.conv1d.default) == 3 and count(prepared, torch.ops.aten.linear.default) == 3
+        assert mxfx.find_sites(mxfx.export(model, (x,)), linears()) == list(prepared.mxfx_report.sites)
         for got, want in zip(prepared(x), conv_reference(model, x, fq)):
             assert torch.equal(got, want)
         packed = prepare_quietly(model, linears("packed"), (x,))
@@ -183,6 +184,7 @@ def test_einsum_3d_weights_are_linears():
             ("q", "einsum", QUANTIZED, (64, 32)), ("o", "einsum", QUANTIZED, (24, 64)),
             *[(f"seg.{n}", "einsum", QUANTIZED, (3, 40)) for n in range(4)]]
         assert count(prepared, torch.ops.aten.einsum.default) == 0
+        assert mxfx.find_sites(mxfx.export(model, (h, r)), linears()) == list(prepared.mxfx_report.sites)
         for got, want in zip(prepared(h, r), einsum_reference(model, h, r, fq)):
             assert torch.equal(got, want)
         packed = mxfx.prepare(model, linears("packed"), (h, r))
