@@ -27,9 +27,10 @@ from mxfx.analysis.candidates import Candidate
 from mxfx.errors import MXValueError
 from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.graph.prepare import find_sites
-from mxfx.graph.sites import LINEAR, NO_RULE, site_of
+from mxfx.graph.sites import EXPERT_FORMS, LINEAR, NO_RULE, site_of
 from mxfx.numerics.api import fake_quantize
 from mxfx.passes.match_attention_sites import PRODUCTS, contraction_axes
+from mxfx.passes.match_expert_sites import expert_product
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -136,7 +137,11 @@ class Recorder(fx.Interpreter):
         if target is None:
             return out
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        if target.kind == LINEAR:
+        if target.form in EXPERT_FORMS:  # a stacked expert weight applied per expert (grouped / bmm)
+            axes = expert_axes(node)
+            self.numel[target.fqn] += args[axes[0]].numel()
+            record = ("experts", node.target, tuple(_detached(a) for a in args), dict(kwargs), axes)
+        elif target.kind == LINEAR:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             self.numel[target.fqn] += x.numel()
@@ -221,6 +226,26 @@ def quantized_linear(x, w, b, candidate: Candidate, block_size: int) -> torch.Te
     return F.linear(xq, wq, b)
 
 
+def expert_axes(node: fx.Node) -> tuple[int, int, int, int]:
+    """(activation position, its in_features axis, weight position, its in_features axis) of an
+    expert product (`passes/match_expert_sites.py`)."""
+    product = expert_product(node)
+    return product.x_index, product.x_axis, product.w_index, product.w_axis
+
+
+def quantized_experts(op, args, kwargs, axes, candidate: Candidate, block_size: int) -> torch.Tensor:
+    """An expert site's output with the candidate's MX weight and activation, as prepare computes
+    it: the activation per token and each expert matrix, both along in_features (OCP MX v1.0 §6.3)."""
+    x_index, x_axis, w_index, w_axis = axes
+    weight_format, activation_format = candidate
+    args = list(args)
+    if activation_format is not None:
+        args[x_index] = fake_quantize(args[x_index], activation_format, block_size=block_size, axis=x_axis)
+    if weight_format is not None:
+        args[w_index] = fake_quantize(args[w_index], weight_format, block_size=block_size, axis=w_axis)
+    return op(*args, **kwargs)
+
+
 def mx_sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p, activation_format: str | None, block_size: int):
     """An SDPA site's output through `mxfx.attention` (no format: its high-precision reference)."""
     if dropout_p != 0.0:  # mxfx.attention has no dropout, and prepare leaves such a site alone
@@ -233,6 +258,9 @@ def site_outputs(record: tuple, candidate: Candidate, block_size: int) -> tuple[
     """(high-precision output, output with the candidate's quantization) of one recorded site call."""
     if record[0] == "explicit":
         return explicit_outputs(record, candidate[1], block_size)
+    if record[0] == "experts":
+        _, op, args, kwargs, axes = record
+        return op(*args, **kwargs), quantized_experts(op, args, kwargs, axes, candidate, block_size)
     if record[0] == LINEAR:
         _, x, w, b = record
         return F.linear(x, w, b), quantized_linear(x, w, b, candidate, block_size)
@@ -250,12 +278,15 @@ class Switch(torch.nn.Module):
         super().__init__()
         self.target, self.op, self.block_size = target, node.target, block_size
         self.axes = contraction_axes(node) if node.target in PRODUCTS else None
+        self.expert_axes = expert_axes(node) if target.form in EXPERT_FORMS else None
         self.candidate: Candidate | None = None
 
     def forward(self, *args, **kwargs):
         candidate = self.candidate
         if candidate is None:
             return self.op(*args, **kwargs)
+        if self.expert_axes is not None:
+            return quantized_experts(self.op, args, kwargs, self.expert_axes, candidate, self.block_size)
         if self.target.kind == LINEAR:
             return quantized_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"), candidate,
                                      self.block_size)

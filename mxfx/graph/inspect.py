@@ -20,10 +20,11 @@ from torch import fx
 
 from mxfx.errors import MXTypeError
 from mxfx.graph.config import MXSpec
-from mxfx.graph.sites import ATTENTION, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
+from mxfx.graph.sites import ATTENTION, EXPERT_FORMS, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
 from mxfx.passes._utils import module_path
 from mxfx.passes.match_attention_sites import PRODUCTS, SOFTMAXES, product_operands
+from mxfx.passes.match_expert_sites import grouped_ops
 
 mxfx_ops, aten = torch.ops.mxfx, torch.ops.aten
 
@@ -136,6 +137,8 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
                              w.describe().replace("/b", "/") if w else "-", a.describe().replace("/b", "/") if a else "-",
                              site.weight_storage or "-", before=nbytes, after=nbytes,
                              bits=float(8 * weight.dtype.itemsize)))
+        elif (site := _expert_site(gm, node)) is not None:
+            rows.append(_expert_row(gm, node, site))
         elif node.target is mxfx_ops.attention.default:
             specs = [_arg_text(s) for s in node.args[7:11]]
             rows.append(_row(_site_name(node), "attention (sdpa)", _rule_label(gm, node), "-",
@@ -156,6 +159,49 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
             rows.append(_row(site.fqn, site.kind, site.rule_label.split(" in ")[0] if site.rule is not None else "(no rule)",
                              "high precision", "high precision", "-", status=site.status, reason=site.reason))
     return rows
+
+
+def _expert_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    """The quantized mixture-of-experts Site of a grouped / bmm product (by annotation, or for a
+    loaded module by the report's expert site recorded for that node name), or None."""
+    site = site_of(node)
+    if site is None and node.target in (aten.bmm.default, *grouped_ops()):
+        report = getattr(gm, "mxfx_report", None)
+        site = next((s for s in report.sites if s.node == node.name and s.form in EXPERT_FORMS), None) if report else None
+    return site if site is not None and site.form in EXPERT_FORMS and site.quantized else None
+
+
+def _expert_row(gm: fx.GraphModule, node: fx.Node, site: Site) -> dict:
+    """An expert site's row: specs from its Site, bytes from the stacked weight the product reads
+    (packed: the codes and scales behind its `mxfx.dequantize`)."""
+    numel = site.weight_numel
+    source = next((n for n in node.all_input_nodes if _weight_source(n) is not None), None)
+    source = _weight_source(source) if source is not None else None
+    dtype = source.meta["val"].dtype if source is not None and "val" in source.meta else torch.float32
+    before = after = numel * dtype.itemsize
+    if source is not None and source.target is mxfx_ops.dequantize.default:
+        tensors = [_attr(gm, a) for a in source.args[:2]]
+        after = sum(t.nbytes for t in tensors if t is not None)
+    w, a = site.weight, site.activation
+    return _row(site.fqn, f"linear ({site.experts} experts)", _rule_label(gm, node),
+                w.describe().replace("/b", "/") if w else "-", a.describe().replace("/b", "/") if a else "-",
+                site.weight_storage or "-", before=before, after=after,
+                bits=round(8 * after / numel, 3) if numel else None)
+
+
+def _weight_source(node: Any, depth: int = 8) -> fx.Node | None:
+    """The 3-D `mxfx.dequantize` or get_attr a stacked weight operand is read from, through views,
+    casts and the expert gather; None for an activation."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr" or node.target is mxfx_ops.dequantize.default:
+            value = node.meta.get("val")
+            return node if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+        if node.op != "call_function" or not node.args or node.target is mxfx_ops.fake_quantize.default:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _quantized_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:

@@ -24,14 +24,18 @@ from mxfx.graph.export import export, tracing_lock, used_dynamic_shapes
 from mxfx.graph.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
 from mxfx.passes._utils import MXFX_META, mxfx_meta
 from mxfx.passes.canonicalize_linear import CanonicalizeLinearPass
+from mxfx.passes.gptq_experts import GPTQExpertsPass
 from mxfx.passes.gptq_weights import GPTQWeightsPass
+from mxfx.passes.insert_expert_qdq import InsertExpertQDQPass
 from mxfx.passes.insert_qdq import InsertQDQPass
 from mxfx.passes.lower_linear import LowerLinearPass
 from mxfx.passes.match_attention_sites import SDPA, MatchAttentionSitesPass
+from mxfx.passes.match_expert_sites import MatchExpertSitesPass
 from mxfx.passes.match_linear_sites import MatchLinearSitesPass
 from mxfx.passes.quantize_attention import QuantizeAttentionPass
 from mxfx.passes.report_unquantized import ReportUnquantizedPass
 from mxfx.passes.rotate_attention import RotateAttentionPass
+from mxfx.passes.rotate_experts import RotateExpertsPass
 from mxfx.passes.rotate_linear import RotateLinearPass
 
 log = logging.getLogger(__name__)
@@ -162,14 +166,16 @@ def matching_passes(config: QuantConfig) -> list:
     """The passes that find and annotate sites (the graph's math is unchanged apart from
     rewriting linear-like products into `aten.linear`), ending with the completeness pass that
     records every weight use and attention-like softmax no other pass decided about."""
-    return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchAttentionSitesPass(config),
-            ReportUnquantizedPass(config)]
+    return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchExpertSitesPass(config),
+            MatchAttentionSitesPass(config), ReportUnquantizedPass(config)]
 
 
 def pipeline(config: QuantConfig, calibration: Any = None) -> list:
     """The passes prepare runs, in order (`calibration`: batches for GPTQ sites)."""
-    recovery = [RotateLinearPass(config), RotateAttentionPass(config), GPTQWeightsPass(config, calibration)]
-    return [*matching_passes(config), *recovery, InsertQDQPass(config), LowerLinearPass(), QuantizeAttentionPass(config)]
+    recovery = [RotateLinearPass(config), RotateExpertsPass(config), RotateAttentionPass(config),
+                GPTQWeightsPass(config, calibration), GPTQExpertsPass(config, calibration)]
+    return [*matching_passes(config), *recovery, InsertQDQPass(config), InsertExpertQDQPass(config), LowerLinearPass(),
+            QuantizeAttentionPass(config)]
 
 
 def _report(gm: fx.GraphModule, config: QuantConfig) -> PrepareReport:

@@ -32,6 +32,10 @@ SITE_META = "mxfx_site"
 
 LINEAR, ATTENTION = "linear", "attention"
 KINDS = (LINEAR, ATTENTION)
+# Site.form of a mixture-of-experts site: a stacked [E, out, in] (or [E, in, out]) parameter applied
+# per expert, by a grouped product of expert-sorted rows, or by bmm with the gathered W[expert_ids].
+GROUPED_MM, EXPERT_BMM = "grouped_mm", "expert_bmm"
+EXPERT_FORMS = (GROUPED_MM, EXPERT_BMM)
 
 # Site.status values
 QUANTIZED = "quantized"  # a rule quantizes it (at least one operand)
@@ -48,7 +52,8 @@ class Site:
 
     `fqn` is what config rules match (`re.fullmatch`): the owning module's path
     (`transformer.h.0.attn.c_attn`), with a suffix for a slice of a packed weight (`.q`, `.k`,
-    `.v`), or the parameter path without `.weight` for `F.linear` on a bare parameter.
+    `.v`), or the parameter path without `.weight` for `F.linear` on a bare parameter. A
+    mixture-of-experts site is named by its stacked parameter (`model.layers.0.mlp.experts.down_proj`).
     """
 
     fqn: str
@@ -64,8 +69,10 @@ class Site:
     weight_storage: str = ""  # linear: "packed" or "simulated" when the weight is quantized
     attention: AttentionSpec | None = None  # attention: the operands' specs
     weight_target: str = ""  # linear: the parameter/buffer path the weight is read from
-    weight_shape: tuple[int, ...] = ()  # linear: (out_features, in_features) of the product
+    weight_shape: tuple[int, ...] = ()  # linear: (out_features, in_features); experts: (E, out_features, in_features)
     nodes: tuple[str, ...] = ()  # attention (explicit form): the QK^T and PV matmul nodes
+    rotation_block: int = 0  # block-Hadamard size the rule rotates with (linear: x and W; attention: Q and K), 0: none
+    weight_rounding: str = ""  # linear: "nearest" or "gptq" when the weight is quantized
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,6 +89,11 @@ class Site:
         """Whether mxfx can quantize this site (its form is rewritten and checked): False for
         UNSUPPORTED and CHECK_FAILED records, which stay in the graph as they were."""
         return self.status not in (UNSUPPORTED, CHECK_FAILED)
+
+    @property
+    def experts(self) -> int:
+        """The number of experts of a mixture-of-experts site (`form` in EXPERT_FORMS), else 0."""
+        return self.weight_shape[0] if self.form in EXPERT_FORMS and self.weight_shape else 0
 
     @property
     def weight_numel(self) -> int:
@@ -141,9 +153,12 @@ def decide(config: QuantConfig, fqn: str, kind: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"rule": index, "rule_label": config.rule_label(index)}
     if kind == LINEAR and rule.quantizes_linear:
         return fields | {"status": QUANTIZED, "weight": rule.weight, "activation": rule.activation,
-                         "weight_storage": rule.weight_storage if rule.weight is not None else ""}
+                         "weight_storage": rule.weight_storage if rule.weight is not None else "",
+                         "weight_rounding": rule.weight_rounding if rule.weight is not None else "",
+                         "rotation_block": rule.rotation_block or 0}
     if kind == ATTENTION and rule.quantizes_attention:
-        return fields | {"status": QUANTIZED, "attention": rule.attention}
+        return fields | {"status": QUANTIZED, "attention": rule.attention,
+                         "rotation_block": rule.attention_rotation_block or 0}
     why = "the rule says skip" if rule.skip else f"the rule quantizes no {kind} operand"
     return fields | {"status": SKIPPED, "reason": why}
 

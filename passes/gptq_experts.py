@@ -1,0 +1,166 @@
+"""GPTQ-quantize the stacked weights of config-selected mixture-of-experts sites, one expert at a time.
+
+The expert form of GPTQWeightsPass: calibration runs the exported graph on the batches given to
+`prepare` and records, at each expert product whose rule says `weight_rounding = "gptq"`, one
+Hessian per expert, X_e^T X_e of the rows routed to expert e (grouped products: the rows between
+consecutive offsets; gathered bmm: the rows whose expert id is e), after RotateExpertsPass's
+rotation if any. Each expert matrix (out, in) is then quantized by `mxfx.gptq` with its own
+Hessian; the stacked result replaces the parameter and its codes ride along on the new get_attr
+(`PRECOMPUTED_META`) for InsertExpertQDQPass to store as they are.
+
+An expert that no calibration token reached has no Hessian (GPTQ would zero it): it is rounded to
+nearest on the same MX grid instead, and prepare warns once per site with the expert indices.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+from mxfx.passes._utils import PRECOMPUTED_META, count_rewrites, create_get_attr, fake_mode_of, finish
+from mxfx.passes.gptq_weights import calibration_inputs
+from mxfx.passes.insert_expert_qdq import replace_weight
+from mxfx.passes.match_expert_sites import GROUPED_MM, ExpertProduct, expert_product
+from mxfx.passes.rotate_linear import attribute, drop_unread
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from mxfx.errors import ConfigError, MXFXWarning
+from mxfx.graph.config import MXSpec, QuantConfig
+from mxfx.graph.sites import EXPERT_FORMS, site_of
+from mxfx.numerics import api
+from mxfx.recovery.gptq import gptq_quantize
+
+log = logging.getLogger(__name__)
+DONE_META = "mxfx_expert_gptq"
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and adds, per watched expert product and expert, X_e^T X_e of its rows."""
+
+    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, ExpertProduct]) -> None:
+        super().__init__(gm)
+        self.watched = watched
+        self.hessians: dict[str, list] = {node.name: [None] * p.shape[0] for node, p in watched.items()}
+        # routing values, kept when computed: the Interpreter frees a value after its last reader,
+        # which for the expert ids can come before the product (the bias gather reads them too)
+        self.routing = {p.routing for p in watched.values()}
+        self.kept: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node):
+        product = self.watched.get(node)
+        if product is not None:
+            x = self.env[node.args[product.x_index]].detach().to(torch.float32)
+            x = x.movedim(product.x_axis, -1)
+            routing = self.kept[product.routing]
+            hessians = self.hessians[node.name]
+            for expert, rows in enumerate(_rows_per_expert(x, routing, product)):
+                if rows.shape[0]:
+                    h = rows.T @ rows
+                    hessians[expert] = h if hessians[expert] is None else hessians[expert] + h
+        out = super().run_node(node)
+        if node in self.routing:
+            self.kept[node] = out
+        return out
+
+
+def _rows_per_expert(x: torch.Tensor, routing: torch.Tensor, product: ExpertProduct) -> list[torch.Tensor]:
+    """The (rows, in) inputs of each expert: between consecutive offsets (grouped), or where the
+    gathered expert id is e (bmm; x's other axes flattened into rows)."""
+    experts, in_features = product.shape[0], x.shape[-1]
+    if product.form == GROUPED_MM:
+        ends = routing.tolist()
+        starts = [0, *ends[:-1]]
+        return [x[start:end].reshape(-1, in_features) for start, end in zip(starts, ends)]
+    return [x[routing == e].reshape(-1, in_features) for e in range(experts)]
+
+
+class GPTQExpertsPass(PassBase):
+    """Replace the stacked weight of each quantized expert site whose rule says
+    `weight_rounding = "gptq"` by its per-expert GPTQ result on the site's MX grid.
+
+    Requires: MatchExpertSitesPass annotations (and RotateExpertsPass, if any); runs before
+    InsertExpertQDQPass. Ensures: the new get_attr nodes carry meta["val"] and the stacked GPTQ
+    codes; products are marked, so running twice is a no-op.
+
+    Raises:
+        ConfigError: a site asks for GPTQ and no calibration batches were given, or the batches are empty.
+    """
+
+    def __init__(self, config: QuantConfig, calibration=None) -> None:
+        self.config = config
+        self.calibration = calibration
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sites = {}
+        for node in gm.graph.nodes:
+            site = site_of(node)
+            if site is None or site.form not in EXPERT_FORMS or not site.quantized or DONE_META in node.meta:
+                continue
+            rule = self.config.rules[site.rule]
+            if rule.weight_rounding == "gptq" and rule.weight is not None:
+                sites[node] = (site, expert_product(node), rule.weight)
+        if not sites:
+            count_rewrites(gm, type(self).__name__, 0)
+            return PassResult(gm, False)
+        if self.calibration is None:
+            raise ConfigError(f"expert site {next(iter(sites.values()))[0].fqn} asks for weight_rounding = 'gptq': "
+                              "pass calibration batches to mxfx.prepare(..., calibration=[...])")
+        recorder = _Recorder(gm, {node: product for node, (_, product, _) in sites.items()})
+        batches = 0
+        with torch.no_grad():
+            for batch in self.calibration:
+                recorder.run(*calibration_inputs(batch))
+                batches += 1
+        if not batches:
+            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        fake_mode = fake_mode_of(gm)
+        replaced: set[str] = set()
+        start = time.perf_counter()
+        for count, (node, (site, product, spec)) in enumerate(sites.items()):
+            target = str(product.attr.target)
+            tensor = attribute(gm, target).detach()
+            q, data, unseen = _quantize_experts(tensor, product.param_axis, recorder.hessians[node.name], spec)
+            if unseen:
+                warnings.warn(f"mxfx: GPTQ at expert site {site.fqn}: no calibration token reached expert(s) "
+                              f"{unseen}; they are rounded to nearest instead", MXFXWarning, stacklevel=2)
+            name = f"mxfx_gptq_experts{count}_" + target.replace(".", "_")
+            gm.register_buffer(name, q)
+            with gm.graph.inserting_before(product.chain[0] if product.chain else node):
+                new = create_get_attr(gm, name, fake_mode)
+            new.meta[PRECOMPUTED_META] = data
+            replace_weight(gm, node, product, new)
+            replaced.add(target)
+            node.meta[DONE_META] = True
+            log.info("GPTQ %d/%d: expert site %s (%.1f s)", count + 1, len(sites), site.fqn, time.perf_counter() - start)
+        finish(gm)
+        drop_unread(gm, replaced)
+        count_rewrites(gm, type(self).__name__, len(sites))
+        return PassResult(gm, True)
+
+
+def _quantize_experts(tensor: torch.Tensor, axis: int, hessians: list, spec: MXSpec):
+    """GPTQ each expert matrix (out, in) of a stacked parameter with its Hessian (round to nearest
+    without one). Returns (the stacked result in the parameter's layout and dtype, its MXData blocked
+    along `axis`, the experts without a Hessian)."""
+    results, codes, scales, unseen = [], [], [], []
+    for expert, hessian in enumerate(hessians):
+        weight = tensor[expert] if axis == 2 else tensor[expert].T  # (out, in)
+        if hessian is None:
+            unseen.append(expert)
+            data = api.quantize(weight.contiguous(), spec.format, block_size=spec.block_size, axis=-1,
+                                scale_mode=spec.scale_mode, rounding=spec.rounding)
+            q = data.dequantize(torch.float32)
+        else:
+            q, data = gptq_quantize(weight, hessian, spec)
+        results.append(q)
+        codes.append(data.codes)
+        scales.append(data.scales)
+    stacked = torch.stack(results)  # (E, out, in)
+    if axis == 1:
+        stacked = stacked.transpose(1, 2)
+    data = api.MXData(torch.stack(codes), torch.stack(scales), api.check_options(spec.format, spec.block_size),
+                      spec.block_size, axis, tuple(tensor.shape), tensor.dtype, spec.scale_mode, spec.rounding)
+    return stacked.to(tensor.dtype).contiguous(), data, unseen
