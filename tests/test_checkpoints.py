@@ -292,6 +292,12 @@ def test_activation_rules_written_or_refused(tiny, tmp_path):
     group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] == {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32,
                                           "strategy": "group", "dynamic": True, "scale_dtype": "torch.uint8"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mxfx.MXFXWarning)
+        preset = mxfx.prepare(program, "parity_vllm_mxfp4")
+    mxfx.save_pretrained(preset, tmp_path / "preset", format="compressed-tensors", model=model)
+    preset_group = json.loads((tmp_path / "preset" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert preset_group["group_0"]["input_activations"] == group["input_activations"]
     mxfx.save_pretrained(prepared, tmp_path / "quark", format="quark", model=model)
     quark = json.loads((tmp_path / "quark" / "config.json").read_text())["quantization_config"]
     assert quark["global_quant_config"]["input_tensors"]["scale_calculation_mode"] == "even"

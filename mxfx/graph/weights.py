@@ -78,7 +78,8 @@ def site_weights(prepared: fx.GraphModule) -> list[SiteWeight]:
     """One SiteWeight per quantized linear site of a prepared module, in graph order.
 
     Args:
-        prepared: a module from `mxfx.prepare` (or `mxfx.load`).
+        prepared: a module from `mxfx.prepare` (a module read back by `mxfx.load` has no site
+            annotations on its nodes: the list is empty).
 
     Returns:
         For each linear node annotated with a QUANTIZED site: the packed codes and scales of an

@@ -76,7 +76,7 @@ def plan_checkpoint(prepared: fx.GraphModule, model: Any, format: str) -> Checkp
                               f"prepared module came from (model=...), got {got}")
     report = getattr(prepared, "mxfx_report", None)
     if not isinstance(prepared, fx.GraphModule) or report is None:
-        raise CheckpointError("save_pretrained takes a module from mxfx.prepare (or mxfx.load); "
+        raise CheckpointError("save_pretrained takes a module from mxfx.prepare; "
                               f"got {type(prepared).__name__} without an mxfx_report")
     entries = {entry.site.fqn: entry for entry in site_weights(prepared)}
     quantized: dict[str, QuantizedLinear] = {}
@@ -90,7 +90,8 @@ def plan_checkpoint(prepared: fx.GraphModule, model: Any, format: str) -> Checkp
             entry = entries.get(site.fqn)
             if entry is None:
                 raise CheckpointError(f"linear site {site.fqn} is quantized but the prepared graph has no product "
-                                      "annotated with it (was the module changed after prepare?)")
+                                      "annotated with it (a module read back by mxfx.load keeps its report but not "
+                                      "the graph's site annotations: write the module mxfx.prepare returned)")
             quantized[site.fqn] = _check_site(entry, model, format)
     config = copy.deepcopy(model.config)
     dense = _dense_tensors(prepared, model, quantized, config)
