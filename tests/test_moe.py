@@ -459,6 +459,15 @@ def test_weight_left_bmm_equals_per_row_reference_and_compiles(fresh_dynamo):
     prepared = mxfx.prepare(model, QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3),)), (x, ids))
     (site,) = prepared.mxfx_report.sites
     assert (site.fqn, site.form, site.weight_shape) == ("w", EXPERT_BMM, (4, 96, 64))
+    # structure: one activation fake-quantize, one dequantize of the packed stack (blocked along axis
+    # 2, in_features), the fp parameter gone; running the pass again changes nothing
+    ops = [n for n in prepared.graph.nodes if n.op == "call_function" and n.target.namespace == "mxfx"]
+    assert sorted(str(n.target) for n in ops) == ["mxfx.dequantize.default", "mxfx.fake_quantize.default"]
+    assert [n.args[4] for n in ops if n.target is torch.ops.mxfx.dequantize.default] == [2]
+    assert "w" not in dict(prepared.named_parameters())
+    from mxfx.passes.insert_expert_qdq import InsertExpertQDQPass
+
+    assert not InsertExpertQDQPass(QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3),)))(prepared).modified
     want = torch.stack([F.linear(e4m3_fake_quantize(x[i]), e4m3_fake_quantize(model.w[e])) for i, e in enumerate(ids)])
     with torch.no_grad():
         got = prepared(x, ids)

@@ -1,0 +1,62 @@
+"""The mixture-of-experts zoo table: per architecture and experts implementation, the linear sites
+mxfx finds against those the model's modules say it has, how many stacked expert weights are
+quantized, and every site left in high precision with its reason (a config quantizing every linear
+and every attention with MXFP8).
+
+    .venv/bin/python benchmarks/moe_zoo.py            # Markdown table on stdout
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import mxfx
+from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
+from mxfx.graph.sites import EXPERT_FORMS, LINEAR
+from mxfx.testing import moe
+
+E4M3 = MXSpec("fp8_e4m3")
+EVERYTHING = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3, attention=AttentionSpec(E4M3, E4M3, E4M3, E4M3)),))
+
+
+def expected_linear_sites(model: torch.nn.Module) -> set[str]:
+    """nn.Linear modules, routers (a bare 2-D weight applied with F.linear) and stacked expert parameters."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            names.add(name)
+        elif "Router" in type(module).__name__ or (name.endswith("mlp.gate") and hasattr(module, "weight")):
+            names.add(name)
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                names.add(f"{name}.{pname}")
+    return names
+
+
+def main() -> None:
+    print("| architecture | experts implementation | linear sites found / expected | expert weights quantized "
+          "| attention sites quantized | left unquantized (reason) |")
+    print("|---|---|---|---|---|---|")
+    for arch in sorted(moe.MOE):
+        for impl in moe.IMPLEMENTATIONS:
+            model, args, kwargs = moe.MOE[arch](impl)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prepared = mxfx.prepare(model, EVERYTHING, args, example_kwargs=kwargs)
+            sites = prepared.mxfx_report.sites
+            expected = expected_linear_sites(model)
+            linear = {s.fqn for s in sites if s.kind == LINEAR}
+            found, extra = linear & expected, linear - expected
+            experts = [s for s in sites if s.form in EXPERT_FORMS]
+            attention = [s for s in sites if s.kind != LINEAR]
+            left = "; ".join(f"{s.fqn} ({s.kind} {s.form}, {s.status}: {s.reason})" for s in sites if not s.quantized)
+            extra_text = f" (+{len(extra)} not expected: {sorted(extra)})" if extra else ""
+            print(f"| {arch} | {impl} | {len(found)} / {len(expected)}{extra_text} | "
+                  f"{sum(s.quantized for s in experts)} / {len(experts)} | "
+                  f"{sum(s.quantized for s in attention)} / {len(attention)} | {left or '-'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
