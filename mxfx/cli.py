@@ -2,6 +2,7 @@
 
     mxfx formats
     mxfx quantize MODEL --config CONFIG [--inputs SPEC] --out FILE.pt2
+    mxfx checkpoint MODEL --config CONFIG --format compressed-tensors|quark|gguf --out DIR [--inputs SPEC] [--tokenizer DIR]
     mxfx inspect FILE.pt2 [--graph] [--svg OUT] [--format table|markdown|csv|json]
     mxfx sensitivity MODEL [--formats F1,F2 | --candidates W:A,...] --mode local|isolated|all-but-one|gradient
                      --out report.json [--md] [--plot PNG] [--noise N]  (torchrun --nproc-per-node N -m mxfx ... shards it)
@@ -77,6 +78,26 @@ def _cmd_quantize(args) -> None:
     mxfx.save(prepared, args.out)
     _done(start)
     print(mxfx.summary(prepared).table())
+
+
+def _cmd_checkpoint(args) -> None:
+    import mxfx
+
+    start = _progress(f"building {args.model}")
+    model, example = _example_inputs(args)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    _done(start)
+    start = _progress("exporting and quantizing")
+    prepared = mxfx.prepare(model, args.config, example)
+    _done(start)
+    start = _progress(f"writing a {args.format} checkpoint to {args.out}")
+    written = mxfx.save_pretrained(prepared, args.out, format=args.format, model=model, tokenizer=tokenizer)
+    _done(start)
+    print(f"wrote {written}")
 
 
 def _cmd_inspect(args) -> None:
@@ -172,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--inputs", help="example inputs, e.g. '2x16:int64' or '8x64,8x64'")
     quantize.add_argument("--out", required=True, help="output .pt2 file")
     quantize.set_defaults(run=_cmd_quantize)
+    checkpoint = commands.add_parser("checkpoint", help="prepare a Hugging Face model and write a checkpoint "
+                                     "other runtimes load (compressed-tensors, quark, gguf)")
+    checkpoint.add_argument("model", help="package.module:factory returning a transformers model or (model, example_inputs)")
+    checkpoint.add_argument("--config", required=True, help="preset name or TOML path (packed weights)")
+    checkpoint.add_argument("--format", required=True, choices=["compressed-tensors", "quark", "gguf"])
+    checkpoint.add_argument("--inputs", help="example inputs, e.g. '2x16:int64'")
+    checkpoint.add_argument("--tokenizer", help="a tokenizer folder to save with the checkpoint")
+    checkpoint.add_argument("--out", required=True, help="output folder (gguf: a folder or a .gguf file)")
+    checkpoint.set_defaults(run=_cmd_checkpoint)
     inspect = commands.add_parser("inspect", help="summarize a .pt2 file written by mxfx")
     inspect.add_argument("file")
     inspect.add_argument("--graph", action="store_true", help="print the annotated graph")
