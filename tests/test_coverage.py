@@ -464,3 +464,45 @@ def test_completeness_pass_alone_reports_a_gathered_weight_product():
     (site,) = [mxfx.graph.sites.site_of(n) for n in gm.graph.nodes if mxfx.graph.sites.site_of(n) is not None]
     assert (site.fqn, site.form, site.status) == ("experts", "bmm", UNSUPPORTED)
     assert "bmm reads parameter 'experts' [4, 32, 16]" in site.reason
+
+
+def test_gpt_oss_attention_with_sinks_equals_a_hand_quantized_eager_attention(monkeypatch):
+    """gpt-oss from a small random config, attention-only config: the prepared model equals the model
+    whose eager attention function quantizes Q, K, the sliced probabilities and V by hand."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=64,
+                                       use_cache=False, layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = "eager"
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    prepared = prepare_quietly(model, ATTENTION_ONLY, (ids,))
+    attention = [s for s in prepared.mxfx_report.sites if s.kind == ATTENTION]
+    assert [(s.fqn, s.form, s.status) for s in attention] == [
+        (f"model.layers.{i}.self_attn", "matmul", QUANTIZED) for i in range(2)]
+
+    def hand_quantized(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key = modeling_gpt_oss.repeat_kv(key, module.num_key_value_groups)
+        value = modeling_gpt_oss.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(fq(query), fq(key).transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        sinks = module.sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1)
+        combined = torch.cat([scores, sinks], dim=-1)
+        probs = F.softmax(combined - combined.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+        return torch.matmul(fq(probs), fq(value, axis=-2)).transpose(1, 2).contiguous(), probs
+
+    with torch.no_grad():
+        plain = model(ids).logits
+        monkeypatch.setattr(modeling_gpt_oss, "eager_attention_forward", hand_quantized)
+        want = model(ids).logits
+        got = prepared(ids).logits
+    assert_close(got, want, rtol=1e-5)
+    assert ((got - plain).abs().max() / plain.abs().max()).item() > 1e-4  # the attention was quantized
