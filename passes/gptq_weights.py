@@ -92,16 +92,15 @@ class GPTQWeightsPass(PassBase):
             if site is None or found is None or not site.quantized or DONE_META in node.meta:
                 continue
             weight = found  # (get_attr, chain): the weight the linear reads
-            rule = self.config.rules[site.rule]
-            if rule.weight_rounding == "gptq" and rule.weight is not None:
-                sites.append((node, site, weight, rule))
+            if site.weight_rounding == "gptq" and site.weight is not None:
+                sites.append((node, site, weight))
         if not sites:
             count_rewrites(gm, type(self).__name__, 0)
             return PassResult(gm, False)
         if self.calibration is None:
-            raise ConfigError(f"{sites[0][3].name or 'a rule'} asks for weight_rounding = 'gptq': pass calibration "
+            raise ConfigError(f"{sites[0][1].rule_label or 'a rule'} (site {sites[0][1].fqn}) asks for weight_rounding = 'gptq': pass calibration "
                               "batches to mxfx.prepare(..., calibration=[...])")
-        recorder = _Recorder(gm, {node.name: node.args[0].name for node, *_ in sites})
+        recorder = _Recorder(gm, {node.name: node.args[0].name for node, _, _ in sites})
         batches = list(self.calibration)
         with torch.no_grad(), Reporter(self.progress, len(batches), "GPTQ calibration") as reporter:
             for index, batch in enumerate(batches):
@@ -112,11 +111,11 @@ class GPTQWeightsPass(PassBase):
         fake_mode = fake_mode_of(gm)
         replaced: set[str] = set()
         reporter = Reporter(self.progress, len(sites), "GPTQ")
-        for count, (node, site, weight, rule) in enumerate(sites, 1):
+        for count, (node, site, weight) in enumerate(sites, 1):
             hessian = recorder.hessians[node.args[0].name]
             attr, chain = weight
             tensor = evaluate_chain(attribute(gm, str(attr.target)).detach(), attr, chain).contiguous()
-            q, data = gptq_quantize(tensor, hessian, rule.weight)
+            q, data = gptq_quantize(tensor, hessian, site.weight)
             name = f"mxfx_gptq{count - 1}_" + str(attr.target).replace(".", "_")
             gm.register_buffer(name, q.to(node.args[1].meta["val"].dtype))
             with gm.graph.inserting_before(node):

@@ -73,24 +73,23 @@ class InsertQDQPass(PassBase):
             if site is None or found is None or not site.quantized or DONE_META in node.meta:
                 continue
             attr, chain = found
-            rule = self.config.rules[site.rule]
             with gm.graph.inserting_before(node):
-                if rule.activation is not None:
+                if site.activation is not None:
                     x = node.args[0]
-                    fq = create_call(gm, mxfx_ops.fake_quantize.default, (x, *spec_args(rule.activation)), node, fake_mode)
+                    fq = create_call(gm, mxfx_ops.fake_quantize.default, (x, *spec_args(site.activation)), node, fake_mode)
                     node.update_arg(0, fq)
-                if rule.weight is not None:
-                    key = (attr.target, chain_key(chain), rule.weight, rule.weight_storage)
+                if site.weight is not None:
+                    key = (attr.target, chain_key(chain), site.weight, site.weight_storage)
                     if key not in quantized_weights:
-                        quantized_weights[key] = self._quantize_weight(gm, attr, chain, rule.weight, rule.weight_storage,
+                        quantized_weights[key] = self._quantize_weight(gm, attr, chain, site.weight, site.weight_storage,
                                                                        len(quantized_weights))
                     names = quantized_weights[key]
                     attrs = [create_get_attr(gm, name, fake_mode) for name in names]
-                    if rule.weight_storage == "packed":
+                    if site.weight_storage == "packed":
                         w = node.args[1].meta["val"]
                         new_weight = create_call(
                             gm, mxfx_ops.dequantize.default,
-                            (attrs[0], attrs[1], rule.weight.format, rule.weight.block_size, -1, list(w.shape), w.dtype),
+                            (attrs[0], attrs[1], site.weight.format, site.weight.block_size, -1, list(w.shape), w.dtype),
                             node, fake_mode,
                         )
                     else:

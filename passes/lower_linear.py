@@ -15,6 +15,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+from mxfx.numerics.ops import op_arguments
 
 log = logging.getLogger(__name__)
 aten, mxfx_ops = torch.ops.aten, torch.ops.mxfx
@@ -37,15 +38,17 @@ class LowerLinearPass(PassBase):
         for node in list(gm.graph.nodes):
             if not _is(node, aten.linear.default):
                 continue
-            x, dq = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else None
-            if not _is(dq, mxfx_ops.dequantize.default) or dq.args[4] not in (-1, 1):
+            linear = op_arguments(node)
+            x, dq, bias = linear["input"], linear["weight"], linear["bias"]
+            if not _is(dq, mxfx_ops.dequantize.default) or op_arguments(dq)["axis"] not in (-1, 1):
                 continue
-            codes, scales, weight_format, weight_block, _, shape, _ = dq.args
+            d = op_arguments(dq)
+            codes, scales, weight_format, weight_block, shape = d["codes"], d["scales"], d["elem_format"], d["block_size"], d["shape"]
             act = ("", 32, "floor", "even")
-            if _is(x, mxfx_ops.fake_quantize.default) and x.args[3] in (-1, x.meta["val"].dim() - 1) and x.args[6:] == (0, False):
-                act = (x.args[1], x.args[2], x.args[4], x.args[5])
-                x = x.args[0]
+            q = op_arguments(x) if _is(x, mxfx_ops.fake_quantize.default) else None
+            if q is not None and q["axis"] in (-1, x.meta["val"].dim() - 1) and (q["seed"], q["flush_subnormals"]) == (0, False):
+                act = (q["elem_format"], q["block_size"], q["scale_mode"], q["rounding"])
+                x = q["x"]
             with gm.graph.inserting_before(node):
                 fused = create_call(
                     gm, mxfx_ops.linear.default,

@@ -91,7 +91,7 @@ class RotateAttentionPass(PassBase):
             site = site_of(node)
             if site is None or site.kind != ATTENTION or not site.quantized or DONE_META in node.meta:
                 continue
-            block = self.config.rules[site.rule].attention_rotation_block
+            block = site.rotation_block
             if not block:
                 continue
             found = _qk_operands(gm, node, site)

@@ -72,7 +72,7 @@ class RotateLinearPass(PassBase):
                 continue
             attr, chain = found  # the weight the linear reads: `chain` applied to `attr`'s tensor
             weight = node.args[1]
-            block = self.config.rules[site.rule].rotation_block
+            block = site.rotation_block
             if not block:
                 continue
             in_features = weight.meta["val"].shape[1]

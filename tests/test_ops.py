@@ -214,3 +214,27 @@ def test_frozen_weights_fold_the_packed_dequantize_bit_exactly(fresh_dynamo):
     assert bits_equal(frozen, plain) and bits_equal(again, frozen)
     # The folded weight is the eager dequantize; with the same GEMM the output is the eager one.
     assert bits_equal(frozen, prepared(x))
+
+
+def test_op_arguments_binds_by_schema_name_positional_keyword_and_default():
+    """Tools read mxfx op arguments through the schema: a keyword argument or a default reads the
+    same as a positional one (a reader by position would see a shorter args tuple)."""
+    import torch.fx as fx
+
+    from mxfx.numerics.ops import op_arguments
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    positional = graph.call_function(torch.ops.mxfx.fake_quantize.default, (x, "fp8_e4m3", 32, -1, "floor", "even", 0, False))
+    keyword = graph.call_function(torch.ops.mxfx.fake_quantize.default, (x, "fp8_e4m3"),
+                                  {"block_size": 32, "axis": -1, "scale_mode": "floor", "rounding": "even", "seed": 0,
+                                   "flush_subnormals": False})
+    linear = graph.call_function(torch.ops.aten.linear.default, (x, x))
+    assert op_arguments(positional) == op_arguments(keyword)
+    assert op_arguments(keyword)["block_size"] == 32 and op_arguments(keyword)["x"] is x
+    assert op_arguments(linear)["bias"] is None  # the schema's default
+    with pytest.raises(mxfx.MXTypeError, match="schema"):
+        op_arguments(x)
+    short = graph.call_function(torch.ops.mxfx.fake_quantize.default, (x, "fp8_e4m3"))
+    with pytest.raises(mxfx.MXTypeError, match="missing"):
+        op_arguments(short)

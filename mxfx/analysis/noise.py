@@ -65,11 +65,11 @@ def _jitter_input(x, seed: int):
 
 
 # The MX ops whose activation operands are jittered, and which of their arguments those are.
-_JITTERED_ARGS = {
-    torch.ops.mxfx.linear.default: (0,),
-    torch.ops.mxfx.fake_quantize.default: (0,),
-    torch.ops.mxfx.quantize.default: (0,),
-    torch.ops.mxfx.attention.default: (0, 1, 2),
+_JITTERED_ARGS = {  # by schema name, bound through the op's schema (positional or keyword)
+    torch.ops.mxfx.linear.default: ("x",),
+    torch.ops.mxfx.fake_quantize.default: ("x",),
+    torch.ops.mxfx.quantize.default: ("x",),
+    torch.ops.mxfx.attention.default: ("query", "key", "value"),
 }
 
 
@@ -85,14 +85,19 @@ def jittered_copy(prepared: fx.GraphModule, seed: int) -> fx.GraphModule:
         if node.op == "output":
             graph.output(pytree.tree_map(lambda n: env[n] if isinstance(n, fx.Node) else n, node.args[0]))
             continue
-        args = list(node.args)
-        for index in _JITTERED_ARGS.get(node.target, ()) if node.op == "call_function" else ():
-            if isinstance(args[index], fx.Node):
+        args, kwargs = list(node.args), dict(node.kwargs)
+        names = _JITTERED_ARGS.get(node.target, ()) if node.op == "call_function" else ()
+        positions = [a.name for a in node.target._schema.arguments] if names else []
+        for name in names:
+            index = positions.index(name)
+            where, key = (args, index) if index < len(args) else (kwargs, name)
+            if isinstance(where.get(key) if where is kwargs else where[key], fx.Node):
                 count += 1
-                args[index] = graph.call_function(_jitter_input, (env[args[index]], seed * 1000003 + count))
+                where[key] = graph.call_function(_jitter_input, (env[where[key]], seed * 1000003 + count))
         new = graph.node_copy(node, lambda n: env[n])
-        new.args = tuple(env[a] if isinstance(a, fx.Node) and a in env else a for a in args) \
-            if args != list(node.args) else new.args
+        if names:
+            new.args = tuple(env[a] if isinstance(a, fx.Node) and a in env else a for a in args)
+            new.kwargs = {k: env[v] if isinstance(v, fx.Node) and v in env else v for k, v in kwargs.items()}
         env[node] = new
     return fx.GraphModule(prepared, graph)
 

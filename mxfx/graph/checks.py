@@ -24,6 +24,7 @@ from torch import Tensor, fx
 from mxfx.errors import MXFXWarning, MXTypeError
 from mxfx.graph.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
 from mxfx.numerics.attention import quantize_operand
+from mxfx.numerics.ops import op_arguments
 
 __all__ = ["NonFinite", "check_nonfinite"]
 
@@ -115,19 +116,22 @@ def _quantized_operands(node: fx.Node, env: dict, roles: dict) -> list[tuple[tup
                 site, by_index = roles[user.name]
                 for index, arg in enumerate(user.args):
                     if arg is node and index in by_index:
-                        return [((site.fqn, by_index[index]), value(node.args[0]))]
-        return [((_fallback_name(node), "input"), value(node.args[0]))]
+                        return [((site.fqn, by_index[index]), value(op_arguments(node)["x"]))]
+        return [((_fallback_name(node), "input"), value(op_arguments(node)["x"]))]
     site = site_of(node)
     name = site.fqn if site is not None else _fallback_name(node)
     if node.target is ops.linear.default:
-        x, _, scales = (value(a) for a in node.args[:3])
-        block, in_features = node.args[5], node.args[6]
+        a = op_arguments(node)
+        x, scales = value(a["x"]), value(a["weight_scales"])
+        block, in_features = a["weight_block_size"], a["in_features"]
         nan_blocks = (scales == 0xFF).repeat_interleave(block, dim=-1)[..., :in_features]  # §5.4: 0xFF is NaN
         out = [((name, "weight"), torch.where(nan_blocks, math.nan, 0.0))]
-        return out + ([((name, "activation"), x)] if node.args[7] else [])
+        return out + ([((name, "activation"), x)] if a["act_format"] else [])
     if node.target is ops.attention.default:
-        q, k, v, mask = (value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
-        is_causal, scale, gqa, q_spec, k_spec, v_spec, p_spec = node.args[4:11]
+        a = op_arguments(node)
+        q, k, v, mask = (value(t) if isinstance(t, fx.Node) else t for t in (a["query"], a["key"], a["value"], a["attn_mask"]))
+        is_causal, scale, gqa = a["is_causal"], a["scale"], a["enable_gqa"]
+        q_spec, k_spec, v_spec, p_spec = a["query_spec"], a["key_spec"], a["value_spec"], a["probs_spec"]
         out = [((name, operand), tensor) for operand, tensor, spec in
                (("q", q, q_spec), ("k", k, k_spec), ("v", v, v_spec)) if spec]
         if p_spec:

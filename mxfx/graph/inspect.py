@@ -22,6 +22,7 @@ from mxfx.errors import MXTypeError
 from mxfx.graph.config import MXSpec
 from mxfx.graph.sites import ATTENTION, EXPERT_FORMS, LINEAR, QUANTIZED, STATUSES, Site, graph_sites, site_of
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+from mxfx.numerics.ops import op_arguments
 from mxfx.passes._utils import module_path
 from mxfx.passes.match_attention_sites import PRODUCTS, SOFTMAXES, product_operands
 from mxfx.passes.match_expert_sites import grouped_ops
@@ -116,7 +117,10 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
         if node.op != "call_function":
             continue
         if node.target is mxfx_ops.linear.default:
-            x, codes, scales, _, wfmt, wblock, in_features, afmt, ablock, amode, arnd = node.args
+            a = op_arguments(node)
+            codes, scales, wfmt, wblock, in_features = (a["weight_codes"], a["weight_scales"], a["weight_format"],
+                                                         a["weight_block_size"], a["in_features"])
+            afmt, ablock, amode, arnd = a["act_format"], a["act_block_size"], a["act_scale_mode"], a["act_rounding"]
             out_features = node.meta["val"].shape[-1] if "val" in node.meta else scales.meta["val"].shape[0]
             dtype = node.meta["val"].dtype if "val" in node.meta else torch.float32
             code_t, scale_t = _attr(gm, codes), _attr(gm, scales)
@@ -140,7 +144,8 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
         elif (site := _expert_site(gm, node)) is not None:
             rows.append(_expert_row(gm, node, site))
         elif node.target is mxfx_ops.attention.default:
-            specs = [_arg_text(s) for s in node.args[7:11]]
+            a = op_arguments(node)
+            specs = [_arg_text(a[s]) for s in ("query_spec", "key_spec", "value_spec", "probs_spec")]
             rows.append(_row(_site_name(node), "attention (sdpa)", _rule_label(gm, node), "-",
                              f"Q {specs[0]}, K {specs[1]}, V {specs[2]}, P {specs[3]}", "-"))
         elif node.target in PRODUCTS:  # an explicit attention's QK^T or PV (baddbmm: batch1 @ batch2)
@@ -150,7 +155,8 @@ def site_rows(gm: fx.GraphModule) -> list[dict]:
                 half, site = halves.get(node.name, (None, None))
                 if half is None:
                     half = "PV" if _reads_softmax(operands[0]) else "QK^T"
-                text = ", ".join(_spec_text(o.args[1], o.args[2], o.args[4], o.args[5]) for o in quantized)
+                text = ", ".join(_spec_text(*(op_arguments(o)[k] for k in ("elem_format", "block_size", "scale_mode", "rounding")))
+                                 for o in quantized)
                 rule = site.rule_label.split(" in ")[0] if site is not None and site.rule is not None else "-"
                 rows.append(_row(site.fqn if site is not None else _site_name(node), half, rule, "-", text, "-"))
     report = getattr(gm, "mxfx_report", None)

@@ -11,10 +11,13 @@ inference only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from mxfx import _compat
+from mxfx.errors import MXTypeError
 from mxfx.numerics import kernels
 from mxfx.numerics.attention import attention_reference
 from mxfx.numerics.formats import get_format
@@ -331,3 +334,26 @@ def frozen_weights():
     stack.enter_context(torch.no_grad())
     stack.enter_context(_compat.inductor_freezing())
     return stack
+
+
+def op_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """A call node's arguments bound to the names of its op's schema, defaults filled in: how tools
+    read `torch.ops.mxfx.*` (and aten) arguments, never by position.
+
+        >>> op_arguments(node)["block_size"]   # an mxfx.fake_quantize node
+        32
+
+    Raises:
+        MXTypeError: the node does not call an op with a schema (an OpOverload).
+    """
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        raise MXTypeError(f"{node.name} does not call an op with a schema ({node.target})")
+    names = [a.name for a in schema.arguments]
+    bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise MXTypeError(f"{node.name}: {node.target} is missing arguments {missing}")
+    return bound
