@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mxfx.errors import CheckpointError
-from mxfx.io.checkpoints import MX_BLOCK, CheckpointPlan, QuantizedLinear, refuse_activation
+from mxfx.io.checkpoint_plan import MX_BLOCK, CheckpointPlan, QuantizedLinear, refuse_activation
 
 # mxfx element format -> (compressed-tensors format, num_bits, tensor name of the codes)
 FORMATS = {

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mxfx.errors import CheckpointError, MissingDependencyError, MXFXWarning
-from mxfx.io.checkpoints import MX_BLOCK, CheckpointPlan, QuantizedLinear
+from mxfx.io.checkpoint_plan import MX_BLOCK, CheckpointPlan, QuantizedLinear
 from mxfx.numerics.formats import get_format
 from mxfx.numerics.reference import unpack_codes
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mxfx.errors import CheckpointError
-from mxfx.io.checkpoints import MX_BLOCK, CheckpointPlan, QuantizedLinear, refuse_activation
+from mxfx.io.checkpoint_plan import MX_BLOCK, CheckpointPlan, QuantizedLinear, refuse_activation
 
 DTYPES = {"fp4_e2m1": "fp4", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2", "fp8_e4m3": "fp8_e4m3"}
 # amd-quark 0.13 loads packed per_group (MX) weights for fp4 and fp6 only: its fp8 dequantizer
