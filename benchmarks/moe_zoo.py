@@ -4,6 +4,7 @@ quantized, and every site left in high precision with its reason (a config quant
 and every attention with MXFP8).
 
     .venv/bin/python benchmarks/moe_zoo.py            # Markdown table on stdout
+    .venv/bin/python benchmarks/moe_zoo.py llama4     # some architectures only
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def expected_linear_sites(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def main() -> None:
+def main(architectures=None) -> None:
     print("| architecture | experts implementation | linear sites found / expected | expert weights quantized "
           "| attention sites quantized | left unquantized (reason) |")
     print("|---|---|---|---|---|---|")
-    for arch in sorted(moe.MOE):
-        for impl in moe.IMPLEMENTATIONS:
+    for arch in architectures or sorted(moe.MOE):
+        for impl in moe.implementations(arch):
             model, args, kwargs = moe.MOE[arch](impl)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -59,4 +60,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

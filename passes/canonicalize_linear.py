@@ -39,7 +39,7 @@ from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mxfx.graph.sites import CHECK_FAILED, LINEAR, NO_RULE, UNSUPPORTED, Site, annotate, site_of
+from mxfx.graph.sites import CHECK_FAILED, EXPERT_FORMS, LINEAR, NO_RULE, UNSUPPORTED, Site, annotate, site_of
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -452,6 +452,8 @@ class CanonicalizeLinearPass(PassBase):
             except _Reject as reject:
                 site = _site(node, form, reject.status, reject.reason, _weight_operand(node, constant), constant)
                 old = site_of(node)
+                if old is not None and old.form in EXPERT_FORMS:
+                    continue  # a stacked expert weight: MatchExpertSitesPass's site
                 if old is None or dataclasses.replace(old, rule=None, rule_label="") != site:
                     annotated += annotate(node, site)
                 log.debug("linear candidate %s left alone: %s (%s)", node.name, reject.status, reject.reason)

@@ -3,7 +3,8 @@
 The expert form of GPTQWeightsPass: calibration runs the exported graph on the batches given to
 `prepare` and records, at each expert product whose rule says `weight_rounding = "gptq"`, one
 Hessian per expert, X_e^T X_e of the rows routed to expert e (grouped products: the rows between
-consecutive offsets; gathered bmm: the rows whose expert id is e), after RotateExpertsPass's
+consecutive offsets; gathered bmm: the rows whose expert id is e; bmm against the stack: batch
+entry e), after RotateExpertsPass's
 rotation if any. Each expert matrix (out, in) is then quantized by `mxfx.gptq` with its own
 Hessian; the stacked result replaces the parameter and its codes ride along on the new get_attr
 (`PRECOMPUTED_META`) for InsertExpertQDQPass to store as they are.
@@ -46,7 +47,7 @@ class _Recorder(fx.Interpreter):
         self.hessians: dict[str, list] = {node.name: [None] * p.shape[0] for node, p in watched.items()}
         # routing values, kept when computed: the Interpreter frees a value after its last reader,
         # which for the expert ids can come before the product (the bias gather reads them too)
-        self.routing = {p.routing for p in watched.values()}
+        self.routing = {p.routing for p in watched.values() if p.routing is not None}
         self.kept: dict[fx.Node, torch.Tensor] = {}
 
     def run_node(self, node: fx.Node):
@@ -54,7 +55,7 @@ class _Recorder(fx.Interpreter):
         if product is not None:
             x = self.env[node.args[product.x_index]].detach().to(torch.float32)
             x = x.movedim(product.x_axis, -1)
-            routing = self.kept[product.routing]
+            routing = self.kept[product.routing] if product.routing is not None else None
             hessians = self.hessians[node.name]
             for expert, rows in enumerate(_rows_per_expert(x, routing, product)):
                 if rows.shape[0]:
@@ -66,10 +67,13 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _rows_per_expert(x: torch.Tensor, routing: torch.Tensor, product: ExpertProduct) -> list[torch.Tensor]:
-    """The (rows, in) inputs of each expert: between consecutive offsets (grouped), or where the
-    gathered expert id is e (bmm; x's other axes flattened into rows)."""
+def _rows_per_expert(x: torch.Tensor, routing: torch.Tensor | None, product: ExpertProduct) -> list[torch.Tensor]:
+    """The (rows, in) inputs of each expert: between consecutive offsets (grouped), where the
+    gathered expert id is e (bmm), or batch entry e (bmm against the stack itself); x's other axes
+    flattened into rows."""
     experts, in_features = product.shape[0], x.shape[-1]
+    if routing is None:
+        return [x[e].reshape(-1, in_features) for e in range(experts)]
     if product.form == GROUPED_MM:
         ends = routing.tolist()
         starts = [0, *ends[:-1]]

@@ -15,8 +15,10 @@ Forms (in the plain torch.export graph), each matched, then checked:
   2-D, the weight operand 3-D with E = len(offsets) and in = x's last axis, the output `[S, out]`.
 - `expert_bmm`: the expert matrix of each row gathered, `W[expert_ids]` (`aten.index` along dim
   0), then `bmm(x[S, 1, in], W_sel[S, in, out])` or, weight on the left,
-  `bmm(W_sel[S, out, in], x[S, in, 1])`. Checked: the gather indexes dim 0 only, one id per bmm
-  batch row, and the contracted axes of x and the gathered weight have the same size.
+  `bmm(W_sel[S, out, in], x[S, in, 1])`; or the stacked parameter itself batched against x, batch
+  entry e being expert e (Llama 4: `bmm(x.view(E, -1, in), W[E, in, out])`). Checked: the gather
+  indexes dim 0 only, one id (or, ungathered, one expert) per bmm batch row, the batch axis is the
+  parameter's experts axis, and the contracted axes of x and the weight have the same size.
 
 The weight operand is followed back to its parameter through transposes of the two matrix axes,
 casts and copies (and, for `expert_bmm`, the gather), keeping track of where in_features lies,
@@ -75,7 +77,9 @@ class ExpertProduct:
     attr: fx.Node  # the get_attr of the stacked parameter
     chain: tuple[fx.Node, ...]  # the nodes from the get_attr to the weight operand
     param_axis: int  # in_features axis of the stored parameter: 2 for [E, out, in], 1 for [E, in, out]
-    routing: fx.Node  # grouped: the offsets (cumulative rows per expert); bmm: the expert id of each row
+    # grouped: the offsets (cumulative rows per expert); gathered bmm: the expert id of each row;
+    # None: bmm against the stacked parameter itself (batch entry e is expert e)
+    routing: fx.Node | None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -107,13 +111,16 @@ def _bound(node: fx.Node) -> list:
 
 
 def _follow_weight(operand: fx.Node, axis: int, gather_ok: bool) -> tuple[fx.Node, list[fx.Node], int, fx.Node | None]:
-    """Walk a weight operand back to its get_attr, tracking the position of in_features (`axis`).
+    """Walk a weight operand back to its get_attr, tracking where in_features (operand axis `axis`)
+    and the batch axis (operand axis 0) come from.
 
     Returns (get_attr, chain from it to `operand`, the parameter's in_features axis, the gather
-    node or None). Raises _Reject when the operand is anything else."""
+    node or None). Raises _Reject when the operand is anything else, or when the batch axis is not
+    the parameter's experts axis (0)."""
     chain: list[fx.Node] = []
     gather = None
     node = operand
+    axes = [0, axis]  # positions of (batch axis, in_features) in the current node
     while node.op != "get_attr":
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
             raise _Reject(f"the weight operand is computed by {node.op} {node.target}")
@@ -122,9 +129,9 @@ def _follow_weight(operand: fx.Node, axis: int, gather_ok: bool) -> tuple[fx.Nod
             pass
         elif node.target is aten.transpose.int:
             a, b = (d % ndim for d in node.args[1:3])
-            axis = b if axis == a else a if axis == b else axis
+            axes = [b if p == a else a if p == b else p for p in axes]  # output axis a is input axis b
         elif node.target is aten.permute.default:
-            axis = [d % ndim for d in node.args[1]][axis]
+            axes = [[d % ndim for d in node.args[1]][p] for p in axes]
         elif node.target is aten.index.Tensor and gather_ok and gather is None:
             indices = list(node.args[1])
             if len(indices) != 1 or not isinstance(indices[0], fx.Node) or _val(indices[0]).dim() != 1:
@@ -141,9 +148,9 @@ def _follow_weight(operand: fx.Node, axis: int, gather_ok: bool) -> tuple[fx.Nod
     value = _val(node)
     if not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point():
         raise _Reject("the weight operand is not a stacked 3-D floating-point parameter")
-    if axis == 0:
-        raise _Reject("the product contracts the experts axis of the parameter")
-    return node, chain[::-1], axis, gather
+    if axes[1] == 0 or axes[0] != 0:
+        raise _Reject("the product's batch axis is not the parameter's experts axis")
+    return node, chain[::-1], axes[1], gather
 
 
 def _is_weight(node: fx.Node, axis: int) -> bool:
@@ -188,19 +195,18 @@ def expert_product(node: fx.Node) -> ExpertProduct | None:
                 attr, chain, param_axis, gather = _follow_weight(w, w_axis, gather_ok=True)
             except _Reject:
                 continue
-            if gather is None:
-                return None  # a broadcast 2-D weight is CanonicalizeLinearPass's; no stack here
             x = node.args[1 - w_index]
             x_axis = 2 if w_index == 1 else 1
             if not isinstance(x, fx.Node):
                 raise _Reject("the bmm's other operand is not a tensor", attr)
             if _is_weight(x, x_axis):
                 raise _Reject("both bmm operands are read from stacked parameters (not a linear of activations)", attr)
-            ids = gather.args[1][0]
             xv, wv = _val(x), _val(w)
-            if xv.shape[x_axis] != wv.shape[w_axis] or _val(ids).shape[0] != wv.shape[0]:
-                raise _Reject(f"bmm of {tuple(xv.shape)} and gathered weight {tuple(wv.shape)} with "
-                              f"{tuple(_val(ids).shape)} expert ids: not one expert matrix per batch row", attr)
+            ids = gather.args[1][0] if gather is not None else None
+            rows = _val(ids).shape[0] if ids is not None else _val(attr).shape[0]  # gathered ids, or E
+            if xv.shape[x_axis] != wv.shape[w_axis] or rows != wv.shape[0]:
+                raise _Reject(f"bmm of {tuple(xv.shape)} and {'gathered ' if ids is not None else ''}weight "
+                              f"{tuple(wv.shape)}: not one expert matrix per batch row", attr)
             return ExpertProduct(EXPERT_BMM, 1 - w_index, x_axis, w_index, w_axis, attr, tuple(chain), param_axis, ids)
     return None
 
@@ -222,8 +228,8 @@ class MatchExpertSitesPass(PassBase):
         changed = 0
         for node in gm.graph.nodes:
             old = site_of(node)
-            if old is not None and old.status not in (CHECK_FAILED,) and old.form not in (GROUPED_MM, EXPERT_BMM):
-                continue  # another pass's site
+            if old is not None and old.supported and old.form not in (GROUPED_MM, EXPERT_BMM):
+                continue  # another pass's site (an unsupported record, e.g. bmm with a 3-D weight, may be ours)
             try:
                 product = expert_product(node)
             except _Reject as reject:

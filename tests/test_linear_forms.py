@@ -467,7 +467,7 @@ class EinsumOuter(EinsumTwoContracted):
 class Bmm3D(nn.Module):
     def __init__(self):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(2, 16, 8))  # one matrix per batch entry: not a linear
+        self.weight = nn.Parameter(torch.randn(2, 16, 8))  # one matrix per batch entry: a stacked linear
 
     def forward(self, x):
         return torch.bmm(x, self.weight)
@@ -503,8 +503,8 @@ def test_unsupported_einsum_and_sdpa_with_dropout_are_recorded():
     assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "einsum", UNSUPPORTED)]
     assert "no contracted index" in sites[0].reason
     sites = mxfx.find_sites(mxfx.export(Bmm3D(), (torch.randn(2, 4, 16),)), config())
-    assert [(s.fqn, s.form, s.status) for s in sites] == [("weight", "bmm", UNSUPPORTED)]
-    assert "3-D and not a broadcast of a 2-D weight" in sites[0].reason
+    # one matrix per batch entry: a stacked linear (passes/match_expert_sites.py), quantized per matrix
+    assert [(s.fqn, s.form, s.status, s.weight_shape) for s in sites] == [("weight", "expert_bmm", QUANTIZED, (2, 8, 16))]
     sites = mxfx.find_sites(mxfx.export(MaskedWeight(), (torch.randn(2, 16),)), config())
     assert [(s.fqn, s.form, s.status) for s in sites] == [("proj", "linear", UNSUPPORTED)]
     assert "computed by aten.mul.Tensor" in sites[0].reason

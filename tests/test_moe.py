@@ -14,6 +14,7 @@ opaque `transformers.grouped_mm_fallback` op in fp32, `aten._grouped_mm` in bf16
 """
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ pytest.importorskip("transformers")
 
 E4M3 = MXSpec("fp8_e4m3")
 ARCHITECTURES = sorted(moe.MOE)
-FORM = {"grouped_mm": GROUPED_MM, "batched_mm": EXPERT_BMM}
+FORM = {"grouped_mm": GROUPED_MM, "batched_mm": EXPERT_BMM, "bmm": EXPERT_BMM}
 # Routers compute the routing (top-k): quantized in both the reference and the prepared model they
 # would be, but the reference cannot hook a router that is no nn.Linear, so the numeric tests keep
 # routers in high precision (every other linear, experts included, is quantized).
@@ -53,6 +54,16 @@ def _gate(module, h: torch.Tensor) -> torch.Tensor:
         return (up + 1) * (gate * torch.sigmoid(gate * module.alpha))
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def dense_experts_reference(module, x, quantize=None) -> torch.Tensor:
+    """Llama 4's experts: every row block x.view(E, -1, in)[e] through expert e (inputs already
+    scaled by the router), each product an `F.linear` of the (out, in) expert matrix."""
+    q = quantize or (lambda t: t)
+    x = x.view(module.gate_up_proj.shape[0], -1, x.shape[-1])
+    out = [F.linear(q(_gate(module, F.linear(q(x[e]), q(module.gate_up_proj[e].T)))), q(module.down_proj[e].T))
+           for e in range(x.shape[0])]
+    return torch.stack(out).view(-1, out[0].shape[-1])
 
 
 def experts_reference(module, x, top_k_index, top_k_weights, quantize=None) -> torch.Tensor:
@@ -79,6 +90,8 @@ def experts_reference(module, x, top_k_index, top_k_weights, quantize=None) -> t
 def reference_experts(model, quantize=None):
     """Within the context, each experts module returns `experts_reference` of its own inputs."""
     def hook(module, args, output):
+        if len(args) == 1:
+            return dense_experts_reference(module, args[0], quantize=quantize)
         return experts_reference(module, *args[:3], quantize=quantize)
 
     handles = [m.register_forward_hook(hook) for m in experts_modules(model).values()]
@@ -87,6 +100,18 @@ def reference_experts(model, quantize=None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def quantized_linears_but_routers(model):
+    """`zoo_reference.quantized_linears` for every nn.Linear except routers (kept in high precision
+    by `linears_config`; Llama 4's router is an nn.Linear returning a tuple). The test models carry
+    no other hooks."""
+    with quantized_linears(model):
+        for name, module in model.named_modules():
+            if re.fullmatch(ROUTERS, name):
+                module._forward_hooks.clear()
+        yield
 
 
 def expected_linear_sites(model) -> set[str]:
@@ -118,7 +143,7 @@ def relative(got, want) -> float:
 def test_reference_reproduces_each_experts_implementation(arch):
     """Quantization off, the per-expert re-implementation equals the model's experts: exactly for
     the grouped product (per-expert mm, as F.linear), to rounding for bmm (another GEMM kernel)."""
-    for impl in moe.IMPLEMENTATIONS:
+    for impl in moe.implementations(arch):
         model, args, kwargs = moe.MOE[arch](impl)
         with torch.no_grad():
             want = logits(model(*args, **kwargs))
@@ -142,7 +167,7 @@ def test_reference_quantizer_moves_the_output():
 
 # each prepare takes 10-30 s on 2 cores: the batched_mm half is marked slow (it still runs in CI)
 CASES = [pytest.param((arch, impl), id=f"{arch}-{impl}", marks=[pytest.mark.slow] if impl == "batched_mm" else [])
-         for arch in ARCHITECTURES for impl in moe.IMPLEMENTATIONS]
+         for arch in ARCHITECTURES for impl in moe.implementations(arch)]
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -168,8 +193,9 @@ def test_every_expert_parameter_is_a_quantized_site(moe_case):
         assert (site.form, site.status) == (FORM[impl], QUANTIZED), site
         param = model.get_parameter(name)
         e, a, b = param.shape
-        assert site.weight_shape == ((e, b, a) if experts_modules(model)[name.rpartition(".")[0]].is_transposed
-                                     else (e, a, b))
+        module = experts_modules(model)[name.rpartition(".")[0]]
+        transposed = getattr(module, "is_transposed", type(module).__name__ == "Llama4TextExperts")  # [E, in, out]
+        assert site.weight_shape == ((e, b, a) if transposed else (e, a, b))
         assert site.weight_numel == param.numel()
     unquantized = [(s.fqn, s.status) for s in prepared.mxfx_report.unquantized if s.kind == "linear"]
     assert all(fqn.endswith((".gate", ".router")) and status == "skipped" for fqn, status in unquantized), unquantized
@@ -181,7 +207,7 @@ def test_linears_and_experts_equal_the_reference(moe_case):
     arch, impl, model, args, kwargs, prepared = moe_case
     with torch.no_grad():
         got = logits(prepared(*args, **kwargs))
-        with quantized_linears(model), reference_experts(model, e4m3_fake_quantize), torch.no_grad():
+        with quantized_linears_but_routers(model), reference_experts(model, e4m3_fake_quantize), torch.no_grad():
             want = logits(model(*args, **kwargs))
     assert relative(got, want) < 1e-5, (arch, impl, relative(got, want))
 
@@ -214,7 +240,7 @@ def test_bf16_export_is_aten_grouped_mm_and_quantized():
     assert len(sites) == 4 and all(s.form == GROUPED_MM and s.quantized for s in sites)
     with torch.no_grad():
         got = logits(prepared(*args))
-        with quantized_linears(model), reference_experts(model, e4m3_fake_quantize):
+        with quantized_linears_but_routers(model), reference_experts(model, e4m3_fake_quantize):
             want = logits(model(*args))
     # bf16 end to end: the reference rounds differently only where bf16 GEMMs do
     assert relative(got, want) < 2e-2
@@ -303,7 +329,7 @@ def test_find_sites_agrees_with_prepare_and_shapes_stay_dynamic():
     other = torch.randint(0, moe.VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = logits(prepared(other))
-        with quantized_linears(model), reference_experts(model, e4m3_fake_quantize):
+        with quantized_linears_but_routers(model), reference_experts(model, e4m3_fake_quantize):
             want = logits(model(other))
     assert relative(got, want) < 1e-5
 
@@ -400,6 +426,33 @@ def test_gptq_per_expert_hessians_from_routed_tokens():
         # the graph sums X^T X in expert-sorted row order: a few codes may round the other way
         assert (stored[e].T == want).float().mean() > 0.99, e
         assert (stored[e].T != e4m3_fake_quantize(weight)).float().mean() > 0.05, e  # not round-to-nearest
+
+
+class StackedExperts(torch.nn.Module):
+    """Llama 4's form: the stacked [E, in, out] parameter batched against x.view(E, -1, in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 64, 96, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return torch.bmm(x.view(4, -1, 64), self.w)
+
+
+def test_gptq_on_a_stack_batched_against_x_uses_batch_entry_e():
+    """Ungathered bmm: expert e's Hessian is X_e^T X_e of batch entry e (same row order: exact)."""
+    from mxfx.recovery.gptq import gptq_quantize
+
+    model, x = StackedExperts(), torch.randn(4 * 6, 64, generator=torch.Generator().manual_seed(1))
+    config = QuantConfig((Rule(match="w", weight=E4M3, weight_storage="simulated", weight_rounding="gptq"),))
+    prepared = mxfx.prepare(model, config, (x,), calibration=[(x,)], dynamic_shapes=None)
+    (site,) = prepared.mxfx_report.sites
+    assert (site.form, site.weight_shape, prepared.mxfx_report.rewrites["GPTQExpertsPass"]) == (EXPERT_BMM, (4, 96, 64), 1)
+    (stored,) = [b for n, b in prepared.named_buffers() if n.endswith("_simulated")]
+    rows = x.view(4, -1, 64)
+    for e in range(4):
+        want, _ = gptq_quantize(model.w[e].T.detach(), rows[e].T @ rows[e], E4M3)
+        assert torch.equal(stored[e].T, want), e
 
 
 def test_gptq_without_calibration_names_the_problem():

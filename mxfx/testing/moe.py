@@ -6,7 +6,8 @@ hidden 64, expert intermediate 96 (differs from hidden, so that `[E, out, in]` a
 layouts cannot be confused by shape), 2 layers, 4 experts, top-2 routing, 12 tokens a sequence.
 `impl` is transformers' experts implementation: "grouped_mm" (its default on CPU; an opaque
 `transformers.grouped_mm_fallback` op in fp32 exports, `aten._grouped_mm` in bf16) or
-"batched_mm" (`W[expert_ids]` then `bmm`). "eager" (a data-dependent loop) does not export.
+"batched_mm" (`W[expert_ids]` then `bmm`). "eager" (a data-dependent loop) does not export. Llama 4
+has one implementation of its own ("bmm": the stacked parameter batched against every token).
 
     model, args, kwargs = mxfx.testing.moe.MOE["mixtral"]("batched_mm")
 """
@@ -87,6 +88,25 @@ def granitemoe(impl: str = "grouped_mm", dtype: torch.dtype = torch.float32):
                num_local_experts=EXPERTS)
 
 
+def llama4(impl: str = "bmm", dtype: torch.dtype = torch.float32):
+    """Llama 4 (text): every token through every expert, `bmm(x.view(E, -1, in), W[E, in, out])` on
+    router-scaled inputs (its only experts implementation), a shared expert, an nn.Linear router."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        **{**_COMMON, "num_experts_per_tok": 1}, head_dim=16, intermediate_size=EXPERT_HIDDEN,
+        intermediate_size_mlp=2 * HIDDEN, num_local_experts=EXPERTS, moe_layers=list(range(LAYERS)),
+        attention_chunk_size=8)
+    config._attn_implementation = "eager"
+    return transformers.Llama4ForCausalLM(config).eval().to(dtype), (_ids(),), {}
+
+
+def implementations(arch: str) -> tuple[str, ...]:
+    """The experts implementations an architecture of `MOE` exports with."""
+    return ("bmm",) if arch == "llama4" else IMPLEMENTATIONS
+
+
 class ExpertList(torch.nn.Module):
     """A mixture of experts as a per-expert `nn.Linear` list, every expert run on every token and
     weighted by the router's top-k weights (zero for experts not chosen): a dense, exportable form."""
@@ -112,4 +132,4 @@ def expert_list(impl: str = "", dtype: torch.dtype = torch.float32):
 
 
 MOE = {"mixtral": mixtral, "gpt_oss": gpt_oss, "qwen3_moe": qwen3_moe, "olmoe": olmoe, "qwen2_moe": qwen2_moe,
-       "deepseek_v3": deepseek_v3, "granitemoe": granitemoe}
+       "deepseek_v3": deepseek_v3, "granitemoe": granitemoe, "llama4": llama4}
