@@ -308,6 +308,25 @@ def test_grouped_product_on_a_stored_in_out_parameter():
         assert relative(exact(x, offs), want) > 1e-2  # the check above can fail: quantization shows
 
 
+def test_an_expert_form_mxfx_does_not_follow_is_reported_not_dropped():
+    """A grouped product whose weight is computed (`W * 2`) is no expert site; the completeness pass
+    records it UNSUPPORTED, naming the parameter."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 64, 32, dtype=torch.bfloat16))
+
+        def forward(self, x, offs):
+            return torch._grouped_mm(x, self.w * 2, offs)
+
+    offs = torch.tensor([2, 4, 6, 8], dtype=torch.int32)
+    program = mxfx.export(Scaled(), (torch.randn(8, 64, dtype=torch.bfloat16), offs), dynamic_shapes=None)
+    sites = mxfx.find_sites(program, linears_config())
+    assert [(s.kind, s.status) for s in sites] == [("linear", "unsupported")]
+    assert "w" in sites[0].reason and sites[0].form not in EXPERT_FORMS
+
+
 def test_matching_twice_is_a_no_op():
     from mxfx.passes.match_expert_sites import MatchExpertSitesPass
 
