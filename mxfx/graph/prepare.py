@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from mxfx.errors import ConfigError, InputGuardError, MXFXWarning, MXTypeError
+from mxfx.graph import shape_classes
 from mxfx.graph.config import QuantConfig, load_config
 from mxfx.graph.export import export, tracing_lock, used_dynamic_shapes
 from mxfx.graph.sites import ATTENTION, CHECK_FAILED, LINEAR, UNSUPPORTED, Site, annotate, graph_sites, site_of
@@ -117,14 +118,22 @@ def prepare(
         gm = program.module()
         gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
         _detach_parameters(gm)
-        if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
-            gm._guards_fn = _ExplainedGuards(gm._guards_fn)
+        wrap_guards(gm)
         for pass_ in pipeline(config, calibration):
             pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
     gm.mxfx_export_args = (example_inputs, example_kwargs or {}, used_dynamic_shapes(program, dynamic_shapes), strict)
+    if isinstance(model, torch.nn.Module):  # sizes the model's code treats apart: re-exported on first use
+        shape_classes.install(gm, model, config, strict, used_dynamic_shapes(program, dynamic_shapes) is None,
+                              example_inputs, example_kwargs)
     return gm
+
+
+def wrap_guards(gm: fx.GraphModule) -> None:
+    """Make the input guards of a module from `ExportedProgram.module()` raise InputGuardError."""
+    if isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
+        gm._guards_fn = _ExplainedGuards(gm._guards_fn)
 
 
 class _ExplainedGuards(torch.nn.Module):
@@ -139,15 +148,18 @@ class _ExplainedGuards(torch.nn.Module):
         try:
             return self.guards(*args, **kwargs)
         except AssertionError as error:
-            raise InputGuardError(
+            explained = InputGuardError(
                 f"the prepared module's export does not cover these input shapes ({error}). Sizes are "
                 "fixed at export where the model needs them (a linear's in_features) or its code branches "
-                "on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart), or where a "
+                "on them (e.g. Hugging Face masks treat batch 1 or sequence length 1 apart: a module "
+                "prepared from a model re-exports it for such a shape class, mxfx.graph.shape_classes), or where a "
                 "dimension is static (size 1 in the example inputs, the static fallback warned about at "
                 "prepare, dynamic_shapes=None, or an explicit dynamic_shapes without it): prepare with "
                 "example inputs of this shape, or pass dynamic_shapes to mxfx.graph.prepare, e.g. "
                 "dynamic_shapes=({0: torch.export.Dim('batch')},)"
-            ) from None
+            )
+            explained.guard = str(error).removeprefix("Guard failed: ")  # what mxfx.graph.shape_classes reads
+            raise explained from None
 
 
 def _detach_parameters(gm: fx.GraphModule) -> None:

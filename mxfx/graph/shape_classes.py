@@ -161,7 +161,8 @@ def _export_class(gm: fx.GraphModule, classes: ShapeClasses, model: torch.nn.Mod
     from mxfx.passes.transplant_linears import TransplantLinearsPass
 
     shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    log.warning("mxfx: %s branches on an input size being 1 (guard %s); exporting it again for inputs shaped %s, "
+    shapes = ", ".join(map(str, shapes[:4])) + (f", ... ({len(shapes)} inputs)" if len(shapes) > 4 else "")
+    log.warning("mxfx: %s branches on an input size being 1 (guard %s); exporting it again for inputs shaped [%s], "
                 "reusing the prepared module's quantized weights", type(model).__name__, guard, shapes)
     with tracing_lock():
         program = export(model, args, example_kwargs=kwargs or None, strict=classes.strict,
