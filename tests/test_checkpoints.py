@@ -49,11 +49,11 @@ def _planted_llama():
     return model, args
 
 
-def _prepare(model, args, rules):
+def _prepare(model, args, rules, calibration=None):
     """Prepare `model` (or an ExportedProgram of it, exported once: no re-tracing) with `rules`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mxfx.MXFXWarning)
-        return mxfx.prepare(model, mxfx.QuantConfig(tuple(rules)), args)
+        return mxfx.prepare(model, mxfx.QuantConfig(tuple(rules)), args, calibration=calibration)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ CONFIGS = {
     "mxfp8": [_rule(".*", "fp8_e4m3")],  # the head too
     "mxfp6": [mxfx.Rule("lm_head", skip=True), _rule(".*", "fp6_e2m3")],
     "mixed": [_rule(r"model\.layers\.0\..*", "fp4_e2m1"), _rule(r".*(proj)", "fp8_e4m3")],  # lm_head: no rule
+    # GPTQ with error-minimizing scales: the checkpoint must hold GPTQ's codes, not a re-quantization
+    "gptq_mse": [mxfx.Rule("lm_head", skip=True),
+                 mxfx.Rule(".*", weight=mxfx.MXSpec("fp4_e2m1", scale_mode="mse"), weight_rounding="gptq")],
 }
+CALIBRATION = [(torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(seed)),) for seed in (5, 6)]
 
 LOADER = textwrap.dedent('''
     import json, sys, torch
@@ -136,7 +140,7 @@ def exported(tmp_path_factory, tiny):
             from compressed_tensors.config import CompressionFormat
             if "mxfp6-pack-quantized" not in {f.value for f in CompressionFormat}:
                 continue
-        prepared = _prepare(program, args, rules)
+        prepared = _prepare(program, args, rules, CALIBRATION if name == "gptq_mse" else None)
         mxfx.save_pretrained(prepared, root / name, format="compressed-tensors", model=model)
         jobs[name] = "compressed-tensors-mixed" if name == "mixed" else "compressed-tensors"
         refs[name] = prepared
@@ -177,7 +181,7 @@ def model_args(prepared):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed")
-@pytest.mark.parametrize("name", ["mxfp4", "mxfp8", "mxfp6", "mixed"])
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8", "mxfp6", "mixed", "gptq_mse"])
 def test_compressed_tensors_loads_bit_exact(exported, name):
     model, args, refs, loaded, root = exported
     if name not in loaded:
@@ -194,6 +198,10 @@ def test_compressed_tensors_loads_bit_exact(exported, name):
     else:
         assert len(groups) == 1 and groups[0]["targets"] == ["Linear"]
         assert config["ignore"] == ([] if name == "mxfp8" else ["lm_head"])
+    if name == "gptq_mse":  # GPTQ moved codes away from round-to-nearest with the same scale rule
+        w = model.model.layers[1].mlp.down_proj.weight.detach()
+        nearest = mxfx.quantize(w, "fp4_e2m1", scale_mode="mse").dequantize(torch.float32)
+        assert not torch.equal(loaded[name]["state"]["model.layers.1.mlp.down_proj.weight"], nearest)
 
 
 @pytest.mark.slow
