@@ -103,9 +103,8 @@ class GPTQExpertsPass(PassBase):
             site = site_of(node)
             if site is None or site.form not in EXPERT_FORMS or not site.quantized or DONE_META in node.meta:
                 continue
-            rule = self.config.rules[site.rule]
-            if rule.weight_rounding == "gptq" and rule.weight is not None:
-                sites[node] = (site, expert_product(node), rule.weight)
+            if site.weight_rounding == "gptq" and site.weight is not None:
+                sites[node] = (site, expert_product(node), site.weight)
         if not sites:
             count_rewrites(gm, type(self).__name__, 0)
             return PassResult(gm, False)

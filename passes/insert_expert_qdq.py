@@ -66,25 +66,24 @@ class InsertExpertQDQPass(PassBase):
             if site is None or site.form not in EXPERT_FORMS or not site.quantized or DONE_META in node.meta:
                 continue
             product = expert_product(node)
-            rule = self.config.rules[site.rule]
             with gm.graph.inserting_before(node):
-                if rule.activation is not None:
+                if site.activation is not None:
                     x = node.args[product.x_index]
-                    args = (x, *spec_args(rule.activation, product.x_axis))
+                    args = (x, *spec_args(site.activation, product.x_axis))
                     node.update_arg(product.x_index, create_call(gm, mxfx_ops.fake_quantize.default, args, node, fake_mode))
-            if rule.weight is not None:
+            if site.weight is not None:
                 attr = product.attr
-                key = (str(attr.target), product.param_axis, rule.weight, rule.weight_storage)
+                key = (str(attr.target), product.param_axis, site.weight, site.weight_storage)
                 if key not in quantized:
-                    quantized[key] = self._quantize(gm, attr, product.param_axis, rule.weight, rule.weight_storage,
+                    quantized[key] = self._quantize(gm, attr, product.param_axis, site.weight, site.weight_storage,
                                                     len(quantized))
                 with gm.graph.inserting_before(product.chain[0] if product.chain else node):
                     attrs = [create_get_attr(gm, name, fake_mode) for name in quantized[key]]
                     new = attrs[0]
-                    if rule.weight_storage == "packed":
+                    if site.weight_storage == "packed":
                         value = attr.meta["val"]
                         new = create_call(gm, mxfx_ops.dequantize.default,
-                                          (attrs[0], attrs[1], rule.weight.format, rule.weight.block_size,
+                                          (attrs[0], attrs[1], site.weight.format, site.weight.block_size,
                                            product.param_axis, list(value.shape), value.dtype), node, fake_mode)
                 replace_weight(gm, node, product, new)
                 replaced.add(str(attr.target))

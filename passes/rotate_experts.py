@@ -51,7 +51,7 @@ class RotateExpertsPass(PassBase):
             site = site_of(node)
             if site is None or site.form not in EXPERT_FORMS or not site.quantized or DONE_META in node.meta:
                 continue
-            block = self.config.rules[site.rule].rotation_block
+            block = site.rotation_block
             if not block:
                 continue
             product = expert_product(node)
