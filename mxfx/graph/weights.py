@@ -38,7 +38,8 @@ class SiteWeight:
     weight: Tensor | None  # the dense weight a non-packed site reads (None for packed sites)
     bias: Tensor | None  # the bias the product adds, if any
     activation: MXSpec | None  # how the graph quantizes the input (None: high precision)
-    rotation: int  # elements per Hadamard block applied to the input and weight (0: none)
+    rotation: int  # elements per Hadamard block applied to the input and weight (0: none): the Site's
+    # rotation_block, or an mxfx.hadamard call found on the input
 
 
 def _attribute(gm: fx.GraphModule, node: Any) -> Tensor | None:
@@ -108,10 +109,10 @@ def site_weights(prepared: fx.GraphModule) -> list[SiteWeight]:
                 activation = MXSpec(args["act_format"], args["act_block_size"], args["act_scale_mode"],
                                     args["act_rounding"])
             entries.append(SiteWeight(site, node.name, data, None, _attribute(prepared, args.get("bias")),
-                                      activation, _rotation(args["x"])))
+                                      activation, site.rotation_block or _rotation(args["x"])))
         elif _is(node, torch.ops.aten.linear.default):
             args = _named_args(node)
             entries.append(SiteWeight(site, node.name, None, _attribute(prepared, args["weight"]),
                                       _attribute(prepared, args.get("bias")), _activation_spec(args["input"]),
-                                      _rotation(args["input"])))
+                                      site.rotation_block or _rotation(args["input"])))
     return entries
