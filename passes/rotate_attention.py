@@ -19,7 +19,6 @@ import torch
 from mxfx.passes._utils import count_rewrites, create_call, fake_mode_of, finish
 from mxfx.passes.match_attention_sites import PRODUCTS, contraction_axes, product_operands
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx import _compat
@@ -48,7 +47,7 @@ def _qk_operands(gm: fx.GraphModule, node: fx.Node, site) -> tuple[fx.Node, list
     operands = list(product_operands(qk))
     if qk.target is aten.einsum.default:
         sizes = [operand.meta["val"].shape[axis] for operand, axis in zip(operands, axes)]
-        if not statically_known_true(sizes[0] == sizes[1]):
+        if not _compat.statically_known_true(sizes[0] == sizes[1]):
             # einsum broadcasts a size-1 index: sum_d q_d k_1 is not invariant under rotating Q along d
             return (f"QK^T einsum {qk.args[0]!r} broadcasts its contracted index (sizes {_size_text(sizes[0])} "
                     f"and {_size_text(sizes[1])})")

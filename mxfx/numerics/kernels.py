@@ -48,7 +48,6 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
-from mxfx.errors import MXFXError
 from mxfx.numerics.attention import attention_reference, sdpa_layout
 from mxfx.numerics.formats import get_format
 from mxfx.numerics.reference import dequantize_last_axis, fake_quantize_last_axis, packing_group, quantize_last_axis
@@ -81,7 +80,7 @@ def fused_kernels():
 
 def sharing(*tensors: Tensor | None) -> bool:
     """Whether an mxfx op on `tensors`, traced now for Inductor, becomes a shared-kernel call."""
-    shared = (not _FUSED.get() and _compat.inductor_runs_python_fallbacks()
+    shared = (not _FUSED.get() and _compat.shared_kernels_enabled() and _compat.inductor_runs_python_fallbacks()
               and all(t is None or t.device.type == "cpu" for t in tensors))
     if shared:  # identical calls on one buffer (one input, several linears) run once per graph
         for op in (torch.ops.mxfx.shared_fake_quantize, torch.ops.mxfx.shared_quantize,
@@ -162,16 +161,23 @@ def _kernel(math: Callable, static: tuple, tensors: tuple[Tensor | None, ...]) -
     kinds = tuple(None if t is None else (t.dtype, t.device, tuple(t.shape[1:]),
                                           None if dynamic_rows else (tuple(t.shape), t.stride())) for t in tensors)
     key = (math.__name__, static, kinds)
-    try:
-        kernel = _KERNELS.get(key)
-        if kernel is None:
-            _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
-            with _LOCK:
-                kernel = _KERNELS.get(key) or _KERNELS.setdefault(key, _compiled(math, static, tensors, dynamic_rows))
-        return kernel(*tensors)
-    except Exception as error:  # say which kernel and what to try
-        raise MXFXError(f"the shared mxfx kernel {math.__name__.strip('_')}{static} failed (compiled on first use): "
-                        f"{type(error).__name__}: {error}. Try compiling inside `mxfx.fused_kernels()`.") from error
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        _compat.register_realize_lowering(torch.ops.mxfx.realize.default)
+        with _LOCK:
+            kernel = _KERNELS.get(key)
+            if kernel is None:
+                try:
+                    kernel = _compiled(math, static, tensors, dynamic_rows)
+                except Exception as error:  # a build failure is never a run-time error: eager math, same bits
+                    _compat.shared_kernel_failed(
+                        RuntimeError(f"{math.__name__.strip('_')}{static}: {type(error).__name__}: {error}"))
+
+                    def kernel(*tensors, math=math, static=static):
+                        return math(*tensors, *static)
+
+                _KERNELS[key] = kernel
+    return kernel(*tensors)
 
 
 def _per_block(n: int, block_size: int, elem_format: str | None = None) -> bool:

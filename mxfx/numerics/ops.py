@@ -287,10 +287,13 @@ for _op, _impl in (
      _decomposition(attention_reference, kernels.shared_attention_call, inputs=False)),
 ):
     _compat.register_inductor_decomposition(_op, _impl)
+# The hooks below, like the decompositions, are installed when Inductor's modules are imported
+# (the first compile), not here: `import mxfx` loads no Inductor code (docs/compatibility.md).
 # Partial blocks would otherwise miscompile on CPU (see the guard's docstring). Process-wide but
-# fail-safe; only on torch 2.13/2.14; MXFX_INDUCTOR_LOOP_SPLIT_GUARD=0 turns it off.
+# fail-safe; only on tested torch releases; MXFX_INDUCTOR_LOOP_SPLIT_GUARD=0 turns it off.
 _compat.guard_inductor_loop_split()
-# Faster Inductor code generation (pytorch/pytorch#192820, backported; changes no result).
+# Faster Inductor code generation (pytorch/pytorch#192820, backported; changes no result);
+# MXFX_DTYPE_PROPAGATION_BACKPORT=0 turns it off.
 _compat.backport_dtype_propagation_init()
 
 
@@ -308,8 +311,10 @@ def _source_digest() -> str:
 
 
 # A cached kernel must never outlive the math it was built from. This keys every compile in the
-# process, mxfx's or not: torch 2.13 has no per-op key (see the function's docstring).
-_compat.tag_compile_caches(_source_digest())
+# process, mxfx's or not: torch 2.13 has no per-op key (see the function's docstring). The digest
+# is of the sources loaded now; MXFX_COMPILE_CACHE_TAG=0 turns the tag off.
+_DIGEST = _source_digest()
+_compat.tag_compile_caches_on_compile(lambda: _DIGEST)
 
 
 def frozen_weights():

@@ -90,13 +90,14 @@ def _hadamard_decomposition(x: Tensor, block_size: int, axis: int):
     """Inductor's view of the op: fp32 with a static block size keeps the op for its one-Pointwise
     lowering (`_compat.register_hadamard_lowering`); other dtypes, and a block size that is
     symbolic (`dynamic=True` makes int arguments symbolic), trace the eager butterfly."""
-    if x.dtype == torch.float32 and isinstance(block_size, int) and _LOWERED:
+    if x.dtype == torch.float32 and isinstance(block_size, int) and _compat.has_inductor_lowering(
+            torch.ops.mxfx.hadamard.default):
         return NotImplemented
     return _hadamard_impl(x, block_size, axis)
 
 
 hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
-_LOWERED = _compat.register_hadamard_lowering(torch.ops.mxfx.hadamard.default)
+_compat.register_hadamard_lowering(torch.ops.mxfx.hadamard.default)  # when Inductor's lowering module is imported
 _compat.register_inductor_decomposition(torch.ops.mxfx.hadamard.default, _hadamard_decomposition)
 
 
