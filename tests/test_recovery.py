@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 import warnings
 from fractions import Fraction
 
 import pytest
 import scalar_reference as ref
-import tomllib
 import torch
 from conftest import bits_equal
 

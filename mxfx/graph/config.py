@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mxfx.errors import ConfigError, MXFXError
 from mxfx.numerics.spec import MXSpec
