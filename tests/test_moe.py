@@ -447,6 +447,24 @@ def test_gptq_per_expert_hessians_from_routed_tokens():
         assert (stored[e].T != e4m3_fake_quantize(weight)).float().mean() > 0.05, e  # not round-to-nearest
 
 
+@pytest.mark.parametrize("storage", ["packed", "simulated"])
+def test_check_nonfinite_names_expert_operands(storage):
+    """mxfx.check_nonfinite reports an expert site's weight (a NaN stored in one expert) and its
+    activation (an Inf in one token), both under the site's name."""
+    model = GatheredExperts()
+    with torch.no_grad():
+        model.w[2, 5, 7] = float("nan")
+    x, ids = torch.randn(10, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3] * 2 + [2, 2])
+    config = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3, weight_storage=storage),))
+    prepared = mxfx.prepare(model, config, (x, ids), dynamic_shapes=None)
+    x[4, 3] = float("inf")
+    with pytest.warns(mxfx.MXFXWarning):
+        found = mxfx.check_nonfinite(prepared, x, ids)
+    assert {(f.site, f.operand) for f in found} == {("w", "weight"), ("w", "activation")}
+    activation = next(f for f in found if f.operand == "activation")
+    assert (activation.nan, activation.inf) == (0, 1)
+
+
 class StackedExperts(torch.nn.Module):
     """Llama 4's form: the stacked [E, in, out] parameter batched against x.view(E, -1, in)."""
 

@@ -21,8 +21,9 @@ import warnings
 import torch
 from torch import Tensor, fx
 
+from mxfx import _compat
 from mxfx.errors import MXFXWarning, MXTypeError
-from mxfx.graph.sites import ATTENTION, LINEAR, Site, graph_sites, site_of
+from mxfx.graph.sites import ATTENTION, EXPERT_FORMS, LINEAR, Site, graph_sites, site_of
 from mxfx.numerics.attention import quantize_operand
 from mxfx.numerics.ops import op_arguments
 
@@ -81,7 +82,7 @@ def check_nonfinite(prepared: fx.GraphModule, *args, **kwargs) -> list[NonFinite
             return super().run_node(node)
 
     with torch.no_grad():
-        Checker(prepared).run(*torch.utils._pytree.tree_leaves((args, kwargs)))
+        Checker(prepared).run(*_compat.tree_leaves((args, kwargs)))
     for finding in found.values():
         warnings.warn(f"mxfx: {finding}", MXFXWarning, stacklevel=2)
     return list(found.values())
@@ -96,9 +97,42 @@ def _operand_roles(gm: fx.GraphModule) -> dict[str, tuple[Site, dict[int, str]]]
             qk, pv = site.nodes
             roles[qk] = (site, {0: "q", 1: "k"})
             roles[pv] = (site, {0: "p", 1: "v"})
+        elif site.form in EXPERT_FORMS:
+            node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+            if node is not None:
+                weight = next((i for i in (1, 0) if _reads_stack(node.args[i])), 1)
+                roles[site.node] = (site, {1 - weight: "activation", weight: "weight"})
         elif site.kind == LINEAR:
             roles[site.node] = (site, {0: "activation", 1: "weight"})
     return roles
+
+
+def _reads_stack(node, depth: int = 6) -> bool:
+    """Whether an expert product's operand is read from its stacked weight (a 3-D buffer or an
+    `mxfx.dequantize`, through views and the gather) rather than from the activation."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.target is torch.ops.mxfx.fake_quantize.default:
+            return False
+        if node.op == "get_attr" or node.target is torch.ops.mxfx.dequantize.default:
+            return getattr(node.meta.get("val"), "ndim", 0) == 3
+        if node.op != "call_function" or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+# Between an expert input's fake-quantize and the product (the bmm form unsqueezes it).
+_VIEWS = {torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+          torch.ops.aten._unsafe_view.default}
+
+
+def _consumer(node: fx.Node, user: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(the node that consumes `node` through `user`, the argument it reads): `user` itself, or the
+    end of a single-user chain of views starting at it."""
+    arg = node
+    while user.target in _VIEWS and len(user.users) == 1:
+        arg, user = user, next(iter(user.users))
+    return user, arg
 
 
 def _fallback_name(node: fx.Node) -> str:
@@ -112,10 +146,11 @@ def _quantized_operands(node: fx.Node, env: dict, roles: dict) -> list[tuple[tup
     value = env.get
     if node.target is ops.fake_quantize.default:
         for user in node.users:  # which operand of which site this quantizes
+            user, operand = _consumer(node, user)
             if user.name in roles:
                 site, by_index = roles[user.name]
                 for index, arg in enumerate(user.args):
-                    if arg is node and index in by_index:
+                    if arg is operand and index in by_index:
                         return [((site.fqn, by_index[index]), value(op_arguments(node)["x"]))]
         return [((_fallback_name(node), "input"), value(op_arguments(node)["x"]))]
     site = site_of(node)
@@ -137,6 +172,10 @@ def _quantized_operands(node: fx.Node, env: dict, roles: dict) -> list[tuple[tup
         if p_spec:
             out.append(((name, "p"), _attention_probs(q, k, mask, is_causal, scale, gqa, q_spec, k_spec)))
         return out
+    if site is not None and site.form in EXPERT_FORMS and site.quantized and site.weight is not None and node.name in roles:
+        # the stacked weight as the product reads it: a block stored as NaN (packed: scale 0xFF) is NaN here
+        index = next(i for i, role in roles[node.name][1].items() if role == "weight")
+        return [((name, "weight"), value(node.args[index]))]
     if node.target is torch.ops.aten.linear.default and site is not None and site.quantized and site.weight is not None:
         # A simulated weight: the fake-quantized fp weight was stored when the module was prepared.
         return [((name, "weight"), value(node.args[1]))]
