@@ -21,6 +21,7 @@ from mxfx.passes.rotate_linear import attribute, drop_unread
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from mxfx import _compat
 from mxfx.errors import ConfigError
 from mxfx.graph.config import QuantConfig
 from mxfx.graph.sites import site_of
@@ -43,7 +44,7 @@ def calibration_inputs(batch) -> list:
     else:
         raise ConfigError("a calibration batch is a tensor, a tuple of positional inputs, or a dict with "
                           f"'args' and 'kwargs'; got {type(batch).__name__}")
-    return torch.utils._pytree.tree_leaves((args, kwargs))
+    return _compat.tree_leaves((args, kwargs))
 
 
 class _Recorder(fx.Interpreter):

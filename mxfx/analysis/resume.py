@@ -5,6 +5,7 @@ file per rank in a sharded run, merged by rank 0).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from mxfx import _compat
 from mxfx.analysis import distributed
 from mxfx.analysis.noise import NoiseFloor
 from mxfx.analysis.sensitivity_modes import PROJECTION_SEED, PROJECTIONS
@@ -37,13 +38,14 @@ def _digest(*parts: Any) -> str:
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().cpu().contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    # the bytes at data_ptr (a contiguous CPU tensor, its storage offset included); not .numpy(): numpy is no dependency
+    return bytes((ctypes.c_char * t.nbytes).from_address(t.data_ptr())) if t.numel() else b""
 
 
 def batch_fingerprint(batches: list[tuple]) -> dict:
     shapes, parts = [], []
     for batch in batches:
-        leaves = pytree.tree_leaves(batch)
+        leaves = _compat.tree_leaves(batch)
         shapes.append([f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
                        else type(x).__name__ for x in leaves])
         parts += [_tensor_bytes(x) if isinstance(x, torch.Tensor) else repr(x).encode() for x in leaves]

@@ -67,7 +67,7 @@ def auto_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple, example_k
     mask), which a size-oblivious export cannot broadcast; torch.export would specialize them anyway.
     """
     collection = torch.export.ShapesCollection()
-    for leaf in torch.utils._pytree.tree_leaves((example_inputs, example_kwargs or {})):
+    for leaf in _compat.tree_leaves((example_inputs, example_kwargs or {})):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             collection[leaf] = {i: torch.export.Dim.AUTO if size >= 2 else torch.export.Dim.STATIC for i, size in enumerate(leaf.shape)}
     return collection.dynamic_shapes(model, example_inputs, example_kwargs or {})
