@@ -418,12 +418,14 @@ def _expert_inputs(model, args):
     return seen
 
 
-def test_gptq_per_expert_hessians_from_routed_tokens():
-    """GPTQ on expert sites: expert e's Hessian is X_e^T X_e of the tokens routed to it; an expert
-    no calibration token reaches is rounded to nearest, with a warning naming the site."""
+@pytest.mark.parametrize("impl", moe.IMPLEMENTATIONS)
+def test_gptq_per_expert_hessians_from_routed_tokens(impl):
+    """GPTQ on expert sites: expert e's Hessian is X_e^T X_e of the tokens routed to it (grouped:
+    the rows between offsets; bmm: the rows whose gathered id is e); an expert no calibration token
+    reaches is rounded to nearest, with a warning naming the site."""
     from mxfx.recovery.gptq import gptq_quantize
 
-    model, args, _ = moe.gpt_oss("batched_mm")
+    model, args, _ = moe.gpt_oss(impl)
     with torch.no_grad():
         model.model.layers[0].mlp.router.bias[3] = -1e4  # expert 3 of layer 0 is never chosen
     config = QuantConfig((Rule(match=r".*layers\.0\.mlp\.experts\.gate_up_proj", weight=E4M3,
