@@ -148,6 +148,16 @@ def exported(tmp_path_factory, tiny):
         mxfx.save_pretrained(refs["mxfp4"], root / "gguf", format="gguf", model=model)
         jobs["gguf"] = "gguf"
         refs["gguf"] = refs["mxfp4"]
+    # Tied embeddings with a quantized head: the checkpoint unties them (the embedding stays dense).
+    from mxfx.testing.zoo import _DECODER, _text
+
+    tied, tied_args, _ = _text("LlamaConfig", "LlamaForCausalLM", "eager", mask=False,
+                               **(_DECODER | {"tie_word_embeddings": True}))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    refs["tied"] = _prepare(tied, tied_args, [_rule(".*", "fp8_e4m3")])
+    mxfx.save_pretrained(refs["tied"], root / "tied", format="compressed-tensors", model=tied)
+    jobs["tied"] = "compressed-tensors"
+    refs["tied_model"] = tied
     if not HAS_CT:
         jobs = {k: v for k, v in jobs.items() if v == "gguf"}
     loaded = _load_elsewhere(root, jobs) if jobs else {}
@@ -202,6 +212,19 @@ def test_compressed_tensors_loads_bit_exact(exported, name):
         w = model.model.layers[1].mlp.down_proj.weight.detach()
         nearest = mxfx.quantize(w, "fp4_e2m1", scale_mode="mse").dequantize(torch.float32)
         assert not torch.equal(loaded[name]["state"]["model.layers.1.mlp.down_proj.weight"], nearest)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed")
+def test_quantized_tied_head_is_untied(exported):
+    model, args, refs, loaded, root = exported
+    tied = refs["tied_model"]
+    state = loaded["tied"]["state"]
+    assert torch.equal(state["model.embed_tokens.weight"], tied.model.embed_tokens.weight.detach())
+    assert torch.equal(_bits(state["lm_head.weight"]), _bits(_weights(refs["tied"])["lm_head.weight"]))
+    assert json.loads((root / "tied" / "config.json").read_text())["tie_word_embeddings"] is False
+    ref = refs["tied"](*model_args(refs["tied"])).logits
+    assert (loaded["tied"]["logits"] - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.slow
