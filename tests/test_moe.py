@@ -242,8 +242,9 @@ def test_bf16_export_is_aten_grouped_mm_and_quantized():
         got = logits(prepared(*args))
         with quantized_linears_but_routers(model), reference_experts(model, e4m3_fake_quantize):
             want = logits(model(*args))
-    # bf16 end to end: the reference rounds differently only where bf16 GEMMs do
-    assert relative(got, want) < 2e-2
+    # bf16 end to end (measured: bit-equal on CPU, the reference's F.linear per expert rounds as
+    # aten._grouped_mm does); the quantization itself moves the logits by ~8%
+    assert relative(got, want) < 1e-5, relative(got, want)
 
 
 def test_fp32_grouped_form_is_the_opaque_transformers_op():
