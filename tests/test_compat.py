@@ -175,8 +175,8 @@ def test_import_loads_no_inductor_and_the_hooks_wait_for_it(tmp_path):
     assert "torch" in loaded and "mxfx.numerics.ops" in loaded
     assert not [m for m in loaded if m.startswith(("torch._inductor", "torch._dynamo"))]
     pending, installed = out.stdout.strip().splitlines()
-    assert pending == str(["torch._dynamo", "torch._inductor.codegen.cpp", "torch._inductor.decomposition",
-                           "torch._inductor.dtype_propagation", "torch._inductor.lowering"])
+    assert {"torch._dynamo", "torch._inductor.codegen.cpp", "torch._inductor.decomposition",
+            "torch._inductor.dtype_propagation", "torch._inductor.lowering"} <= set(eval(pending))
     assert installed == "True True True True True [] False True"
 
 
