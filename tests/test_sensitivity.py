@@ -467,7 +467,8 @@ def test_cli_sensitivity_gradient(tmp_path):
     result = run("sensitivity", "fragile_models:fragile", "--mode", "gradient", "--candidates",
                  "fp4_e2m1,fp8_e4m3:none", "--out", "r.json", "--md")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[2].startswith("| b ") and "8/8" in result.stderr
+    # gradient mode's unit of work is a batch: one batch here
+    assert result.stdout.splitlines()[2].startswith("| b ") and "mxfx: 1/1 batch 1/1" in result.stderr
     report = SensitivityReport.from_json((tmp_path / "r.json").read_text())
     assert report.mode == "gradient" and report.candidates == [("fp4_e2m1", "fp4_e2m1"), ("fp8_e4m3", None)]
     result = run("sensitivity", "fragile_models:fragile", "--mode", "local", "--formats", "int8", "--out", "r.json")
