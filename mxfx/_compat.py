@@ -270,6 +270,21 @@ def detect_fake_mode(values):
     return next((mode for mode in (getattr(v, "fake_mode", None) for v in values) if mode is not None), None)
 
 
+def pytree_module():
+    """torch's pytree functions (`tree_leaves`, `tree_map`, `tree_structure`, `tree_unflatten`):
+    `torch.utils._pytree` in torch 2.13/2.14; where it is gone, the public `torch.utils.pytree`."""
+    try:
+        from torch.utils import _pytree
+
+        return _pytree
+    except ImportError as error:
+        degraded("torch.utils._pytree", error, "torch.utils.pytree (public) is used", "There is no switch: this path "
+                 "is the only one left.")
+    import torch.utils.pytree as public
+
+    return public
+
+
 def tree_leaves(tree) -> list:
     """The leaves of a pytree (nested tuples, lists, dicts, named tuples and registered classes such
     as Hugging Face `ModelOutput`), as `torch.utils._pytree.tree_leaves` orders them. Fallback:

@@ -8,11 +8,13 @@ pad to whole blocks, a per-block scale, a slice back to n elements. Without the 
 2.13's CPU loop split runs the output loop over n // 32 * 32 elements only.
 """
 
+import ast
 import contextlib
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -465,3 +467,49 @@ def test_readers_fall_back_to_public_answers(monkeypatch, fresh_warnings):
         m.setattr(type(inductor_config), "get_config_copy", lambda self: {"fallback_random": True})
         assert _compat.eager_numerics() == {"fallback_random": True}
     _one_warning(caught, "emulate_precision_casts")
+
+
+# --- the rule: private torch names only in mxfx/_compat.py; numpy nowhere ------------------------
+
+# torch._ops.OpOverload is the type of every `torch.ops.ns.op.overload` (isinstance checks and
+# annotations); gguf's writer takes numpy arrays (the gguf package, an extra, depends on numpy).
+_ALLOWED = {"torch._ops", "torch._ops.OpOverload"}
+_NUMPY_ALLOWED = {"mxfx/io/gguf.py"}
+
+
+def _dotted(node) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def _private_torch(name: str) -> bool:
+    parts = name.split(".")
+    return (parts[0] == "torch" and parts[1:2] != ["ops"] and name not in _ALLOWED
+            and any(p.startswith("_") and not p.startswith("__") for p in parts[1:]))
+
+
+def test_private_torch_names_only_in_compat_and_no_numpy():
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path in sorted([*root.glob("mxfx/**/*.py"), *root.glob("passes/**/*.py")]):
+        name = path.relative_to(root).as_posix()
+        if name == "mxfx/_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            used = []
+            if isinstance(node, ast.Import):
+                used = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                used = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Attribute):
+                used = [d for d in [_dotted(node)] if d]
+            for dotted in used:
+                if _private_torch(dotted) or (dotted.split(".")[0] == "numpy" and name not in _NUMPY_ALLOWED):
+                    found.append(f"{name}:{node.lineno}: {dotted}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "numpy"
+                    and name not in _NUMPY_ALLOWED):
+                found.append(f"{name}:{node.lineno}: .numpy()")
+    assert not found, "private torch names belong in mxfx/_compat.py, numpy nowhere:\n" + "\n".join(sorted(set(found)))

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
+from mxfx import _compat
 from mxfx.errors import MXTypeError, MXValueError
+
+pytree = _compat.pytree_module()  # torch.utils._pytree (private in torch 2.13/2.14)
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
+from mxfx import _compat
 from mxfx._compat import eager_numerics  # noqa: F401  (public here: mxfx.analysis.divergence.eager_numerics)
 from mxfx.errors import MXTypeError
 from mxfx.graph.sites import site_of
+
+pytree = _compat.pytree_module()  # torch.utils._pytree (private in torch 2.13/2.14)
 
 _MX_OPS = ("quantize", "dequantize", "fake_quantize", "linear", "matmul", "attention")
 

@@ -35,10 +35,12 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
+from mxfx import _compat
 from mxfx.errors import InputGuardError, MXValueError
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+
+pytree = _compat.pytree_module()  # torch.utils._pytree (private in torch 2.13/2.14)
 
 log = logging.getLogger(__name__)
 SOURCES = ("jitter", "split", "compiled")

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from mxfx import _compat
 from mxfx.analysis.batches import primary_output, structured_output
 from mxfx.analysis.candidates import Candidate, candidate_label
 from mxfx.analysis.metrics import MetricAccumulator
@@ -22,6 +22,8 @@ from mxfx.errors import MXValueError
 from mxfx.graph.prepare import prepare
 from mxfx.graph.sites import ATTENTION, LINEAR
 from mxfx.progress import Reporter
+
+pytree = _compat.pytree_module()  # torch.utils._pytree (private in torch 2.13/2.14)
 
 PROJECTIONS, PROJECTION_SEED = 4, 0  # gradient mode's default scalar (mxfx.analysis.sensitivity's docstring)
 
