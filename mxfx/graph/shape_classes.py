@@ -45,6 +45,7 @@ ATTRIBUTE = "_mxfx_shape_classes"  # the prepared module's attribute holding its
 # A guard that only tests a dimension against 1, as torch.export prints it ("input_ids.size()[0] != 1").
 _SIZE_ONE_GUARD = re.compile(r"^\S+\.size\(\)\[\d+\] (?:!= 1|== 1|> 1|>= 2|<= 1|< 2)$")
 _UNKNOWN = object()
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {class key: ExportedProgram}
 
 
 class ShapeClasses:
@@ -160,13 +161,14 @@ def _export_class(gm: fx.GraphModule, classes: ShapeClasses, model: torch.nn.Mod
     from mxfx.graph import prepare as _prepare  # the layer above (prepare installs this module)
     from mxfx.passes.transplant_linears import TransplantLinearsPass
 
-    shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    shapes = [tuple(t.shape) for t in _compat.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     shapes = ", ".join(map(str, shapes[:4])) + (f", ... ({len(shapes)} inputs)" if len(shapes) > 4 else "")
-    log.warning("mxfx: %s branches on an input size being 1 (guard %s); exporting it again for inputs shaped [%s], "
-                "reusing the prepared module's quantized weights", type(model).__name__, guard, shapes)
+    cached = (key_of(args, kwargs), classes.strict, classes.static) in _PROGRAMS.get(model, {})
+    log.warning("mxfx: %s branches on an input size being 1 (guard %s); %s for inputs shaped [%s], reusing the "
+                "prepared module's quantized weights", type(model).__name__, guard,
+                "preparing its earlier export" if cached else "exporting it again", shapes)
     with tracing_lock():
-        program = export(model, args, example_kwargs=kwargs or None, strict=classes.strict,
-                         dynamic_shapes=None if classes.static else "auto")
+        program = exported(model, args, kwargs, strict=classes.strict, static=classes.static)
         module = program.module()
         _prepare.wrap_guards(module)
         _prepare._detach_parameters(module)
@@ -175,6 +177,19 @@ def _export_class(gm: fx.GraphModule, classes: ShapeClasses, model: torch.nn.Mod
     module.mxfx_report = getattr(gm, "mxfx_report", None)
     module.mxfx_export_args = (args, kwargs, used_dynamic_shapes(program), classes.strict)
     return module
+
+
+def exported(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, strict: bool = False,
+             static: bool = False) -> torch.export.ExportedProgram:
+    """`mxfx.export(model, args, ...)` ("auto" dynamic shapes, or static), remembered per model and
+    shape class: preparing one model with several configs exports each class once (a program is
+    never modified by prepare; its `module()` is a fresh graph each time)."""
+    cache = _PROGRAMS.setdefault(model, {})
+    key = (key_of(args, kwargs or {}), strict, static)
+    if key not in cache:
+        cache[key] = export(model, args, example_kwargs=kwargs or None, strict=strict,
+                            dynamic_shapes=None if static else "auto")
+    return cache[key]
 
 
 def class_pipeline(config: QuantConfig, transplant: Any) -> list:

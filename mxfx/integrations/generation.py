@@ -41,18 +41,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import weakref
 from typing import Any
 
 import torch
 
 from mxfx.errors import MXFXError, MXValueError
-from mxfx.graph.config import QuantConfig
+from mxfx.graph import shape_classes
+from mxfx.graph.config import QuantConfig, load_config
 from mxfx.graph.prepare import prepare
 from mxfx.graph.shape_classes import module_for
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers torch.ops.mxfx.quantize / dequantize)
 from mxfx.numerics.spec import MXSpec
 
 log = logging.getLogger(__name__)
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kv spec: CacheLM}
 
 
 class GenerationError(MXFXError, ValueError):
@@ -343,7 +346,9 @@ def prepare_lm(model: torch.nn.Module, config: QuantConfig | str | None = None, 
         raise MXValueError("example_batch and example_length must be >= 2 (size 1 is a shape class of its own)")
     spec = MXSpec(kv_cache) if isinstance(kv_cache, str) else kv_cache
     shapes = _shapes(model)
-    wrapper = CacheLM(model, spec).eval()
+    # one wrapper per model and KV cache spec: its exported programs are shared by every config
+    wrapper = _WRAPPERS.setdefault(model, {}).setdefault(spec, None) or CacheLM(model, spec).eval()
+    _WRAPPERS[model][spec] = wrapper
     lm = PreparedLM(model, wrapper, None, spec)
     if config is None:
         return lm
@@ -354,5 +359,6 @@ def prepare_lm(model: torch.nn.Module, config: QuantConfig | str | None = None, 
     cache_position = torch.arange(example_length)
     args = (ids, positions(mask2d), step_mask(real, cache_position, shapes.bool_mask, shapes.dtype), cache_position,
             *lm.empty_cache(example_batch, slots))
-    lm.prepared = prepare(wrapper, config, args)
+    lm.prepared = prepare(shape_classes.exported(wrapper, args), config)
+    shape_classes.install(lm.prepared, wrapper, load_config(config), False, False, args, {})
     return lm
