@@ -38,6 +38,7 @@ from mxfx.passes.report_unquantized import ReportUnquantizedPass
 from mxfx.passes.rotate_attention import RotateAttentionPass
 from mxfx.passes.rotate_experts import RotateExpertsPass
 from mxfx.passes.rotate_linear import RotateLinearPass
+from mxfx.passes.transplant_linears import TransplantLinearsPass
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def prepare(
     gm.mxfx_export_args = (example_inputs, example_kwargs or {}, used_dynamic_shapes(program, dynamic_shapes), strict)
     if isinstance(model, torch.nn.Module):  # sizes the model's code treats apart: re-exported on first use
         shape_classes.install(gm, model, config, strict, used_dynamic_shapes(program, dynamic_shapes) is None,
-                              example_inputs, example_kwargs)
+                              example_inputs, example_kwargs, setup_class_module)
     return gm
 
 
@@ -180,6 +181,16 @@ def matching_passes(config: QuantConfig) -> list:
     records every weight use and attention-like softmax no other pass decided about."""
     return [CanonicalizeLinearPass(), MatchLinearSitesPass(config), MatchExpertSitesPass(config),
             MatchAttentionSitesPass(config), ReportUnquantizedPass(config)]
+
+
+def setup_class_module(module: fx.GraphModule, prepared: fx.GraphModule, config: QuantConfig) -> None:
+    """Prepare `module`, a re-export of a prepared model for another shape class
+    (`mxfx.graph.shape_classes`), with the weights `prepared` already computed: prepare's passes,
+    with the ones that compute weights replaced by a copy of their result (nothing quantized twice)."""
+    wrap_guards(module)
+    _detach_parameters(module)
+    for pass_ in shape_classes.class_pipeline(pipeline(config, calibration=()), TransplantLinearsPass(prepared)):
+        pass_(module)
 
 
 def pipeline(config: QuantConfig, calibration: Any = None) -> list:

@@ -30,6 +30,7 @@ import logging
 import re
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,9 +52,11 @@ _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {
 class ShapeClasses:
     """The shape classes of one prepared module: key -> module (None: the prepared graph itself)."""
 
-    def __init__(self, model: torch.nn.Module, config: QuantConfig, strict: bool, static: bool) -> None:
+    def __init__(self, model: torch.nn.Module, config: QuantConfig, strict: bool, static: bool,
+                 setup: Callable[[fx.GraphModule, fx.GraphModule, QuantConfig], None]) -> None:
         self.model = weakref.ref(model)  # weak: the prepared module must not keep the fp weights alive
         self.config = config
+        self.setup = setup  # setup(module, prepared, config): prepare's passes on a re-export (graph.prepare)
         self.strict = strict
         self.static = static  # the prepared graph was exported with static shapes: so are its classes
         self.modules: dict[tuple, fx.GraphModule | None] = {}
@@ -66,9 +69,12 @@ def key_of(args: tuple, kwargs: dict) -> tuple:
 
 
 def install(gm: fx.GraphModule, model: torch.nn.Module, config: QuantConfig, strict: bool, static: bool,
-            example_inputs: tuple, example_kwargs: dict | None) -> None:
-    """Give the prepared module `gm` (exported from `model`) its shape-class dispatcher."""
-    classes = ShapeClasses(model, config, strict, static)
+            example_inputs: tuple, example_kwargs: dict | None,
+            setup: Callable[[fx.GraphModule, fx.GraphModule, QuantConfig], None]) -> None:
+    """Give the prepared module `gm` (exported from `model`) its shape-class dispatcher; `setup`
+    prepares a re-export of another shape class from `gm`'s weights (`mxfx.graph.prepare.setup_class_module`:
+    passed in, so that this module, which prepare imports, imports nothing above it)."""
+    classes = ShapeClasses(model, config, strict, static, setup)
     classes.modules[key_of(example_inputs, example_kwargs or {})] = None
     setattr(gm, ATTRIBUTE, classes)
 
@@ -158,9 +164,6 @@ def _class_module(gm: fx.GraphModule, error: InputGuardError, args: tuple, kwarg
 
 def _export_class(gm: fx.GraphModule, classes: ShapeClasses, model: torch.nn.Module, args: tuple, kwargs: dict,
                   guard: str) -> fx.GraphModule:
-    from mxfx.graph import prepare as _prepare  # the layer above (prepare installs this module)
-    from mxfx.passes.transplant_linears import TransplantLinearsPass
-
     shapes = [tuple(t.shape) for t in _compat.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     shapes = ", ".join(map(str, shapes[:4])) + (f", ... ({len(shapes)} inputs)" if len(shapes) > 4 else "")
     cached = (key_of(args, kwargs), classes.strict, classes.static) in _PROGRAMS.get(model, {})
@@ -170,10 +173,7 @@ def _export_class(gm: fx.GraphModule, classes: ShapeClasses, model: torch.nn.Mod
     with tracing_lock():
         program = exported(model, args, kwargs, strict=classes.strict, static=classes.static)
         module = program.module()
-        _prepare.wrap_guards(module)
-        _prepare._detach_parameters(module)
-        for pass_ in class_pipeline(classes.config, TransplantLinearsPass(gm)):
-            pass_(module)
+        classes.setup(module, gm, classes.config)
     module.mxfx_report = getattr(gm, "mxfx_report", None)
     module.mxfx_export_args = (args, kwargs, used_dynamic_shapes(program), classes.strict)
     return module
@@ -192,16 +192,14 @@ def exported(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     return cache[key]
 
 
-def class_pipeline(config: QuantConfig, transplant: Any) -> list:
-    """prepare's passes with the ones that compute linear weights (rotation, GPTQ, Q/DQ insertion,
-    lowering) replaced by `transplant`, which copies their result."""
-    from mxfx.graph.prepare import pipeline
-
+def class_pipeline(pipeline: list, transplant: Any) -> list:
+    """prepare's passes (`pipeline`) with the ones that compute linear weights (rotation, GPTQ, Q/DQ
+    insertion, lowering) replaced by `transplant`, which copies their result."""
     # by name: a pass that computes linear or expert weights (the transplant copies their result)
     weight_passes = {"RotateLinearPass", "GPTQWeightsPass", "InsertQDQPass", "LowerLinearPass", "RotateExpertsPass",
                      "GPTQExpertsPass", "InsertExpertQDQPass"}
     passes: list = []
-    for pass_ in pipeline(config, calibration=()):
+    for pass_ in pipeline:
         if type(pass_).__name__ in weight_passes:
             if transplant not in passes:
                 passes.append(transplant)

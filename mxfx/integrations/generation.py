@@ -49,7 +49,7 @@ import torch
 from mxfx.errors import MXFXError, MXValueError
 from mxfx.graph import shape_classes
 from mxfx.graph.config import QuantConfig, load_config
-from mxfx.graph.prepare import prepare
+from mxfx.graph.prepare import prepare, setup_class_module
 from mxfx.graph.shape_classes import module_for
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers torch.ops.mxfx.quantize / dequantize)
 from mxfx.numerics.spec import MXSpec
@@ -360,5 +360,5 @@ def prepare_lm(model: torch.nn.Module, config: QuantConfig | str | None = None, 
     args = (ids, positions(mask2d), step_mask(real, cache_position, shapes.bool_mask, shapes.dtype), cache_position,
             *lm.empty_cache(example_batch, slots))
     lm.prepared = prepare(shape_classes.exported(wrapper, args), config)
-    shape_classes.install(lm.prepared, wrapper, load_config(config), False, False, args, {})
+    shape_classes.install(lm.prepared, wrapper, load_config(config), False, False, args, {}, setup_class_module)
     return lm
