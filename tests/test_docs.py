@@ -59,8 +59,13 @@ def test_block_names_exist(path, line, source):
     """Every dotted `mxfx.` name and every `from mxfx... import` name of a block resolves."""
     missing = []
     for dotted in set(MXFX_NAME.findall(source)):
-        obj = mxfx
-        for part in dotted.split(".")[1:]:
+        obj, parts = mxfx, dotted.split(".")
+        for i, part in enumerate(parts[1:], 2):
+            if not hasattr(obj, part):
+                try:  # a submodule a block imports (mxfx.integrations.generation)
+                    importlib.import_module(".".join(parts[:i]))
+                except ImportError:
+                    pass
             if not hasattr(obj, part):
                 missing.append(dotted)
                 break
