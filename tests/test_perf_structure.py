@@ -132,7 +132,7 @@ def test_model_run_modes_copy_the_graph_once_per_run_not_per_measurement(monkeyp
 
     from mxfx.testing.models import MLP
 
-    sensitivity = importlib.import_module("mxfx.analysis.sensitivity")  # (mxfx.sensitivity is also the function)
+    sensitivity = importlib.import_module("mxfx.analysis.sensitivity_modes")  # where the modes would call prepare
 
     torch.manual_seed(0)
     model = MLP().eval()
