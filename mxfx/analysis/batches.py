@@ -4,7 +4,6 @@ that metrics compare, and an Interpreter's flat output restored to the model's s
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -14,8 +13,6 @@ from mxfx import _compat
 from mxfx.errors import MXTypeError, MXValueError
 
 pytree = _compat.pytree_module()  # torch.utils._pytree (private in torch 2.13/2.14)
-
-log = logging.getLogger(__name__)
 
 
 # --- inputs and outputs ------------------------------------------------------------------------

@@ -6,13 +6,10 @@ an operand in high precision, (None, None) and duplicates are refused.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 
 from mxfx.errors import MXValueError
 from mxfx.numerics.formats import get_format
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ("fp8_e4m3", "fp6_e2m3", "fp4_e2m1", "int8")  # sensitivity's default
 

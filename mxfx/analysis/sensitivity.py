@@ -58,7 +58,6 @@ everything that defines the run and a changed run is refused. Work is sharded ov
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,12 +79,8 @@ from mxfx.graph.prepare import find_sites
 from mxfx.graph.sites import ATTENTION, KINDS, LINEAR
 from mxfx.progress import Progress
 
-log = logging.getLogger(__name__)
-
 MODES = ("local", "isolated", "all-but-one", "gradient")
 SORT_KEYS = ("loss", *METRICS)
-
-
 
 
 def sensitivity(

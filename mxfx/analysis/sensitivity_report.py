@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import io
 import json
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,6 @@ from mxfx.errors import MXValueError
 COLUMNS = ("site", "kind", "weight_format", "activation_format", "format", "mode", "weight_numel",
            "activation_numel", "loss", "sqnr", "mse", "cosine", "kl", "rel_error")
 FILE_VERSION = 2  # of the report's JSON
-
-log = logging.getLogger(__name__)
 
 
 # --- the report --------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ einsum and baddbmm attention; it fails with wrong axes).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,8 +32,6 @@ from mxfx.passes.match_attention_sites import PRODUCTS, contraction_axes
 from mxfx.passes.match_expert_sites import expert_product
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-log = logging.getLogger(__name__)
 
 
 # --- sites -------------------------------------------------------------------------------------
