@@ -53,7 +53,13 @@ def load_factory(target: str):
     module_name, _, attr = target.partition(":")
     if not attr:
         raise MXValueError(f"MODEL must be 'package.module:factory', got {target!r}")
-    sys.path.insert(0, ".")
+    # The working directory by its absolute path, and fresh finder caches: a path finder for "." keeps
+    # the listing of whichever directory was current when it was built, and a module written a moment
+    # ago may not be in it.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
     factory = getattr(importlib.import_module(module_name), attr)
     result = factory()
     return result if isinstance(result, tuple) else (result, None)

@@ -300,10 +300,12 @@ def test_mse_scale_special_blocks():
 
 
 def test_mse_improves_fp4_error():
-    x = torch.randn(256, 256)
-    floor = (mxfx.fake_quantize(x, "fp4_e2m1") - x).pow(2).sum()
-    mse = (mxfx.fake_quantize(x, "fp4_e2m1", scale_mode="mse") - x).pow(2).sum()
-    assert mse < 0.95 * floor
+    # Seeded: the gain over the spec scale is ~6% on Gaussian data (0.935-0.949 over seeds 0-19).
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    floor = (mxfx.fake_quantize(x, "fp4_e2m1") - x).pow(2).reshape(256, 8, 32).sum(-1)
+    mse = (mxfx.fake_quantize(x, "fp4_e2m1", scale_mode="mse") - x).pow(2).reshape(256, 8, 32).sum(-1)
+    assert (mse <= floor).all()  # the spec scale is a candidate: no block gets worse
+    assert (mse < floor).any() and mse.sum() < 0.96 * floor.sum()
 
 
 @pytest.mark.slow
