@@ -65,7 +65,10 @@ class ShapeClasses:
 def key_of(args: tuple, kwargs: dict) -> tuple:
     """The shape class of a call: which dimensions of each input tensor have size 1."""
     leaves = _compat.tree_leaves((args, kwargs))
-    return tuple(tuple(size == 1 for size in leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor))
+    # A branch, not `size == 1` itself: under torch.compile with symbolic sizes Dynamo turns the branch
+    # into a guard and the key into plain Python bools, which hash and compare.
+    return tuple(tuple(True if size == 1 else False for size in leaf.shape)  # noqa: SIM210
+                 for leaf in leaves if isinstance(leaf, torch.Tensor))
 
 
 def install(gm: fx.GraphModule, model: torch.nn.Module, config: QuantConfig, strict: bool, static: bool,
