@@ -54,6 +54,7 @@ from mxfx.errors import (
     MXFXWarning,
     MXTypeError,
     MXValueError,
+    ResumeError,
 )
 
 __all__ = [
@@ -111,4 +112,5 @@ __all__ = [
     "MXTypeError",
     "MissingDependencyError",
     "MXValueError",
+    "ResumeError",
 ]

@@ -43,6 +43,11 @@ class CheckpointError(MXFXError, ValueError):
     """A prepared model (or one of its sites) that a checkpoint format cannot express; the message names the site."""
 
 
+class ResumeError(MXValueError):
+    """A resume file that cannot be used: written by another run (other config, weights or data) or
+    not a resume file; the message names the file, what differs, and to delete it or pick another path."""
+
+
 class MissingDependencyError(MXFXError, ImportError):
     """An optional package or program a feature needs is not installed (the message says how to get it)."""
 

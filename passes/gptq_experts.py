@@ -16,12 +16,12 @@ nearest on the same MX grid instead, and prepare warns once per site with the ex
 from __future__ import annotations
 
 import logging
-import time
 import warnings
+from pathlib import Path
 
 import torch
 from mxfx.passes._utils import PRECOMPUTED_META, count_rewrites, create_get_attr, fake_mode_of, finish
-from mxfx.passes.gptq_weights import calibration_inputs
+from mxfx.passes.gptq_weights import calibration_inputs, graph_tensors
 from mxfx.passes.insert_expert_qdq import replace_weight
 from mxfx.passes.match_expert_sites import GROUPED_MM, ExpertProduct, expert_product
 from mxfx.passes.rotate_linear import attribute, drop_unread
@@ -32,7 +32,10 @@ from mxfx.errors import ConfigError, MXFXWarning
 from mxfx.graph.config import MXSpec, QuantConfig
 from mxfx.graph.sites import EXPERT_FORMS, site_of
 from mxfx.numerics import api
+from mxfx.progress import Progress, Reporter
 from mxfx.recovery.gptq import gptq_quantize
+from mxfx.recovery.gptq_resume import GPTQResume, run_record, site_record
+from mxfx.resume_files import digest
 
 log = logging.getLogger(__name__)
 DONE_META = "mxfx_expert_gptq"
@@ -89,13 +92,21 @@ class GPTQExpertsPass(PassBase):
     InsertExpertQDQPass. Ensures: the new get_attr nodes carry meta["val"] and the stacked GPTQ
     codes; products are marked, so running twice is a no-op.
 
+    With `resume` (a directory, `mxfx.recovery.gptq_resume`), each expert site's result (all its
+    experts: the site is the unit) is saved as it is computed, and sites saved by an earlier run of the
+    same model, config and batches are loaded instead; calibration is skipped when every site is saved.
+
     Raises:
         ConfigError: a site asks for GPTQ and no calibration batches were given, or the batches are empty.
+        ResumeError: a saved result of another run in `resume`.
     """
 
-    def __init__(self, config: QuantConfig, calibration=None) -> None:
+    def __init__(self, config: QuantConfig, calibration=None, progress: Progress = True,
+                 resume: str | Path | None = None) -> None:
         self.config = config
         self.calibration = calibration
+        self.progress = progress  # mxfx.progress: per calibration batch, then per expert site
+        self.resume = resume  # a directory of saved site results (mxfx.recovery.gptq_resume), or None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = {}
@@ -111,21 +122,35 @@ class GPTQExpertsPass(PassBase):
         if self.calibration is None:
             raise ConfigError(f"expert site {next(iter(sites.values()))[0].fqn} asks for weight_rounding = 'gptq': "
                               "pass calibration batches to mxfx.prepare(..., calibration=[...])")
-        recorder = _Recorder(gm, {node: product for node, (_, product, _) in sites.items()})
-        batches = 0
-        with torch.no_grad():
-            for batch in self.calibration:
-                recorder.run(*calibration_inputs(batch))
-                batches += 1
-        if not batches:
-            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        batches = [calibration_inputs(batch) for batch in self.calibration]
+        store, records, saved = None, {}, {}
+        if self.resume is not None:
+            store = GPTQResume(self.resume, run_record(graph_tensors(gm), batches))
+            for node, (site, product, spec) in sites.items():
+                tensor = attribute(gm, str(product.attr.target)).detach()
+                records[node] = site_record("experts", site.fqn, spec, tensor)
+                if (found := store.load(records[node])) is not None:
+                    saved[node] = found
+            log.info("GPTQ: %d of %d expert sites resumed from %s", len(saved), len(sites), store.path)
+        hessians = {}
+        if len(saved) < len(sites):  # every site saved: no Hessian is needed
+            hessians = self._calibrate(gm, sites, batches)
+            for node, found in saved.items():
+                records[node]["hessian"] = _hessian_digests(hessians[node.name])
+                store.check_hessian(found, records[node])
         fake_mode = fake_mode_of(gm)
         replaced: set[str] = set()
-        start = time.perf_counter()
+        reporter = Reporter(self.progress, len(sites), "GPTQ experts", done=len(saved))
         for count, (node, (site, product, spec)) in enumerate(sites.items()):
             target = str(product.attr.target)
             tensor = attribute(gm, target).detach()
-            q, data, unseen = _quantize_experts(tensor, product.param_axis, recorder.hessians[node.name], spec)
+            if node in saved:
+                (q, data), unseen = GPTQResume.result(saved[node], tensor.device), saved[node]["unseen"]
+            else:
+                q, data, unseen = _quantize_experts(tensor, product.param_axis, hessians[node.name], spec)
+                if store is not None:
+                    record = {**records[node], "hessian": _hessian_digests(hessians[node.name])}
+                    store.save(record, q, data, unseen=unseen)
             if unseen:
                 warnings.warn(f"mxfx: GPTQ at expert site {site.fqn}: no calibration token reached expert(s) "
                               f"{unseen}; they are rounded to nearest instead", MXFXWarning, stacklevel=2)
@@ -137,11 +162,28 @@ class GPTQExpertsPass(PassBase):
             replace_weight(gm, node, product, new)
             replaced.add(target)
             node.meta[DONE_META] = True
-            log.info("GPTQ %d/%d: expert site %s (%.1f s)", count + 1, len(sites), site.fqn, time.perf_counter() - start)
+            if node not in saved:
+                reporter.update(f"expert site {site.fqn}")
+        reporter.close()
         finish(gm)
         drop_unread(gm, replaced)
         count_rewrites(gm, type(self).__name__, len(sites))
         return PassResult(gm, True)
+
+    def _calibrate(self, gm: fx.GraphModule, sites: dict, batches: list[list]) -> dict[str, list]:
+        """Per expert site (by node name), each expert's X_e^T X_e over all batches (None: no rows)."""
+        recorder = _Recorder(gm, {node: product for node, (_, product, _) in sites.items()})
+        with torch.no_grad(), Reporter(self.progress, len(batches), "GPTQ experts calibration") as reporter:
+            for index, inputs in enumerate(batches):
+                recorder.run(*inputs)
+                reporter.update(f"batch {index + 1}")
+        if not batches:
+            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        return recorder.hessians
+
+
+def _hessian_digests(hessians: list) -> list:
+    return [None if h is None else digest(h) for h in hessians]
 
 
 def _quantize_experts(tensor: torch.Tensor, axis: int, hessians: list, spec: MXSpec):

@@ -7,12 +7,14 @@ site's Hessian comes from the same unquantized forward passes (not layer-by-laye
 GPTQ, which would feed each layer the outputs of the already quantized ones). `mxfx.gptq` then
 quantizes each weight; the linear reads the GPTQ result from a new buffer, and the codes and
 scales GPTQ computed ride along on that get_attr node (`PRECOMPUTED_META`) for InsertQDQPass to
-store as they are (re-quantizing could pick other scales).
+store as they are (re-quantizing could pick other scales). With `mxfx.prepare(..., gptq_resume=path)`
+each site's result is saved as it is computed and a later run loads it (`mxfx.recovery.gptq_resume`).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from mxfx.passes._utils import PRECOMPUTED_META, count_rewrites, create_get_attr, evaluate_chain, fake_mode_of, finish
@@ -27,6 +29,8 @@ from mxfx.graph.config import QuantConfig
 from mxfx.graph.sites import site_of
 from mxfx.progress import Progress, Reporter
 from mxfx.recovery.gptq import gptq_quantize
+from mxfx.recovery.gptq_resume import GPTQResume, run_record, site_record
+from mxfx.resume_files import digest
 
 log = logging.getLogger(__name__)
 DONE_META = "mxfx_gptq"
@@ -77,14 +81,21 @@ class GPTQWeightsPass(PassBase):
     InsertQDQPass. Ensures: the new get_attr nodes carry meta["val"] and the GPTQ codes; sites
     are marked, so running twice is a no-op.
 
+    With `resume` (a directory, `mxfx.recovery.gptq_resume`), each site's result is saved as it is
+    computed, and sites saved by an earlier run of the same model, config and calibration batches are
+    loaded instead of computed; calibration is skipped when every site is saved.
+
     Raises:
         ConfigError: a site asks for GPTQ and no calibration batches were given.
+        ResumeError: a saved result of another run in `resume`.
     """
 
-    def __init__(self, config: QuantConfig, calibration=None, progress: Progress = True) -> None:
+    def __init__(self, config: QuantConfig, calibration=None, progress: Progress = True,
+                 resume: str | Path | None = None) -> None:
         self.config = config
         self.calibration = calibration
         self.progress = progress  # mxfx.progress: a bar on a terminal, else log lines; per batch, then per layer
+        self.resume = resume  # a directory of saved site results (mxfx.recovery.gptq_resume), or None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = []
@@ -101,33 +112,68 @@ class GPTQWeightsPass(PassBase):
         if self.calibration is None:
             raise ConfigError(f"{sites[0][1].rule_label or 'a rule'} (site {sites[0][1].fqn}) asks for weight_rounding = 'gptq': pass calibration "
                               "batches to mxfx.prepare(..., calibration=[...])")
-        recorder = _Recorder(gm, {node.name: node.args[0].name for node, _, _ in sites})
-        batches = list(self.calibration)
-        with torch.no_grad(), Reporter(self.progress, len(batches), "GPTQ calibration") as reporter:
-            for index, batch in enumerate(batches):
-                recorder.run_batch(calibration_inputs(batch))
-                reporter.update(f"batch {index + 1}")
-        if not recorder.hessians:
-            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        batches = [calibration_inputs(batch) for batch in self.calibration]
+        store, records, saved = None, {}, {}
+        if self.resume is not None:
+            store = GPTQResume(self.resume, run_record(graph_tensors(gm), batches))
+            for node, site, weight in sites:
+                records[node] = site_record("linear", site.fqn, site.weight, _weight_of(gm, weight))
+                if (found := store.load(records[node])) is not None:
+                    saved[node] = found
+            log.info("GPTQ: %d of %d sites resumed from %s", len(saved), len(sites), store.path)
+        hessians = {}
+        if len(saved) < len(sites):  # every site saved: no Hessian is needed
+            hessians = self._calibrate(gm, sites, batches)
+            for node, found in saved.items():
+                records[node]["hessian"] = digest(hessians[node.args[0].name])
+                store.check_hessian(found, records[node])
         fake_mode = fake_mode_of(gm)
         replaced: set[str] = set()
-        reporter = Reporter(self.progress, len(sites), "GPTQ")
+        reporter = Reporter(self.progress, len(sites), "GPTQ", done=len(saved))
         for count, (node, site, weight) in enumerate(sites, 1):
-            hessian = recorder.hessians[node.args[0].name]
-            attr, chain = weight
-            tensor = evaluate_chain(attribute(gm, str(attr.target)).detach(), attr, chain).contiguous()
-            q, data = gptq_quantize(tensor, hessian, site.weight)
+            attr, _ = weight
+            if node in saved:
+                q, data = GPTQResume.result(saved[node], attribute(gm, str(attr.target)).device)
+            else:
+                hessian = hessians[node.args[0].name]
+                q, data = gptq_quantize(_weight_of(gm, weight), hessian, site.weight)
+                q = q.to(node.args[1].meta["val"].dtype)
+                if store is not None:
+                    store.save({**records[node], "hessian": digest(hessian)}, q, data)
             name = f"mxfx_gptq{count - 1}_" + str(attr.target).replace(".", "_")
-            gm.register_buffer(name, q.to(node.args[1].meta["val"].dtype))
+            gm.register_buffer(name, q)
             with gm.graph.inserting_before(node):
                 new_weight = create_get_attr(gm, name, fake_mode)
             new_weight.meta[PRECOMPUTED_META] = data
             node.update_arg(1, new_weight)
             replaced.add(str(attr.target))
             node.meta[DONE_META] = True
-            reporter.update(site.fqn)
+            if node not in saved:
+                reporter.update(site.fqn)
         reporter.close()
         finish(gm)
         drop_unread(gm, replaced)
         count_rewrites(gm, type(self).__name__, len(sites))
         return PassResult(gm, True)
+
+    def _calibrate(self, gm: fx.GraphModule, sites: list, batches: list[list]) -> dict[str, torch.Tensor]:
+        """X^T X of each site's input, by input node name, over all batches."""
+        recorder = _Recorder(gm, {node.name: node.args[0].name for node, _, _ in sites})
+        with torch.no_grad(), Reporter(self.progress, len(batches), "GPTQ calibration") as reporter:
+            for index, inputs in enumerate(batches):
+                recorder.run_batch(inputs)
+                reporter.update(f"batch {index + 1}")
+        if not recorder.hessians:
+            raise ConfigError("GPTQ calibration: the calibration batches are empty")
+        return recorder.hessians
+
+
+def _weight_of(gm: fx.GraphModule, weight: tuple) -> torch.Tensor:
+    """The (out, in) weight a linear reads: its get_attr's tensor through the chain of views."""
+    attr, chain = weight
+    return evaluate_chain(attribute(gm, str(attr.target)).detach(), attr, chain).contiguous()
+
+
+def graph_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """The graph's parameters and buffers, by name (what a GPTQ resume file's run digest covers)."""
+    return [*gm.named_parameters(), *gm.named_buffers()]

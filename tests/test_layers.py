@@ -1,7 +1,7 @@
 """The package's layers, checked: every mxfx module imports only from its own layer or the ones below
 (module-level and function-local imports alike), and no two modules import each other in a loop.
 
-The layers, bottom up (docs/architecture.md): errors/_compat, numerics, recovery, the graph model
+The layers, bottom up (docs/architecture.md): errors/_compat (and progress, resume_files), numerics, recovery, the graph model
 (config, export, sites), passes, the graph tools (prepare, checks, inspect, ...), analysis, io and
 integrations, then cli and the package face. A new module takes its layer from its folder.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # (rank, module name or package prefix); the longest matching name wins
-    (0, "mxfx.errors"), (0, "mxfx._compat"), (0, "mxfx.progress"),
+    (0, "mxfx.errors"), (0, "mxfx._compat"), (0, "mxfx.progress"), (0, "mxfx.resume_files"),
     (1, "mxfx.numerics"),
     (2, "mxfx.recovery"),
     (3, "mxfx.graph.config"), (3, "mxfx.graph.export"), (3, "mxfx.graph.sites"),

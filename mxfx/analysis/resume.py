@@ -5,14 +5,10 @@ file per rank in a sharded run, merged by rank 0).
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,25 +17,13 @@ from mxfx.analysis import distributed
 from mxfx.analysis.noise import NoiseFloor
 from mxfx.analysis.sensitivity_modes import PROJECTION_SEED, PROJECTIONS
 from mxfx.analysis.sensitivity_report import SensitivityReport
-from mxfx.errors import MXValueError
+from mxfx.errors import ResumeError
+from mxfx.resume_files import digest, replace_atomically, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 
 # --- fingerprints for resume -------------------------------------------------------------------
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-    return h.hexdigest()[:16]
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    # the bytes at data_ptr (a contiguous CPU tensor, its storage offset included); not .numpy(): numpy is no dependency
-    return bytes((ctypes.c_char * t.nbytes).from_address(t.data_ptr())) if t.numel() else b""
 
 
 def batch_fingerprint(batches: list[tuple]) -> dict:
@@ -48,8 +32,8 @@ def batch_fingerprint(batches: list[tuple]) -> dict:
         leaves = _compat.tree_leaves(batch)
         shapes.append([f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor)
                        else type(x).__name__ for x in leaves])
-        parts += [_tensor_bytes(x) if isinstance(x, torch.Tensor) else repr(x).encode() for x in leaves]
-    return {"shapes": shapes, "hash": _digest(*parts)}
+        parts += [tensor_bytes(x) if isinstance(x, torch.Tensor) else repr(x).encode() for x in leaves]
+    return {"shapes": shapes, "hash": digest(*parts)}
 
 
 def parameter_fingerprint(model: torch.nn.Module) -> dict:
@@ -60,7 +44,7 @@ def parameter_fingerprint(model: torch.nn.Module) -> dict:
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64]
         stats = (flat.double().sum().item(), flat.double().abs().sum().item()) if flat.is_floating_point() else (flat.sum().item(),)
-        out[name] = _digest(tuple(t.shape), str(t.dtype), stats, _tensor_bytes(sample))
+        out[name] = digest(tuple(t.shape), str(t.dtype), stats, tensor_bytes(sample))
     return out
 
 
@@ -69,7 +53,7 @@ def callable_identity(fn: Callable | None) -> str:
         return f"default: {PROJECTIONS} random projections of the primary output, seed {PROJECTION_SEED}"
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
     code = getattr(fn, "__code__", None)
-    return name if code is None else f"{name} (code {_digest(code.co_code, code.co_consts)})"
+    return name if code is None else f"{name} (code {digest(code.co_code, code.co_consts)})"
 
 
 def run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds, loss_fn, noise=0, noise_sources=()) -> dict:
@@ -92,7 +76,7 @@ def run_fingerprint(model, batches, mode, candidates, block_size, targets, kinds
 
 def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
     if saved is None:
-        raise MXValueError(f"{path} records no run fingerprint (written by an older mxfx?); delete it or pick another path")
+        raise ResumeError(f"{path} records no run fingerprint (written by an older mxfx?); delete it or pick another path")
     differing = [key for key in current if saved.get(key) != current[key]]
     if not differing:
         return
@@ -106,7 +90,7 @@ def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
             details.append("batches (" + ("shapes/dtypes" if saved[key].get("shapes") != current[key]["shapes"] else "contents") + ")")
         else:
             details.append(f"{key} ({saved.get(key)!r} != {current[key]!r})")
-    raise MXValueError(f"cannot resume from {path}: it was written by another run; differing: {'; '.join(details)}. "
+    raise ResumeError(f"cannot resume from {path}: it was written by another run; differing: {'; '.join(details)}. "
                        "Delete the file or pass another resume path.")
 
 
@@ -118,7 +102,7 @@ def read_resume(path: Path, fingerprint: dict) -> dict[tuple, dict]:
         try:
             data = json.loads(file.read_text())
         except (OSError, ValueError) as error:
-            raise MXValueError(f"cannot resume from {file}: not a sensitivity report ({error})") from None
+            raise ResumeError(f"cannot resume from {file}: not a sensitivity report ({error})") from None
         _check_same_run(data.get("run"), fingerprint, file)
         for row in data["rows"]:
             rows[_row_key(row)] = row
@@ -130,9 +114,7 @@ def _row_key(row: dict) -> tuple:
 
 
 def _write_json(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: an interrupt never leaves half a file
+    replace_atomically(path, lambda tmp: tmp.write_text(text))  # an interrupt never leaves half a file
 
 
 
@@ -171,14 +153,14 @@ class ResumeWriter:
 
     def load_partial(self, items: list[int]) -> dict | None:
         """The saved state of the same run and the same work items, or None. A state of another run
-        is refused (MXValueError); one of another sharding (other items) is logged and not used."""
+        is refused (ResumeError); one of another sharding (other items) is logged and not used."""
         if self.path is None or not self._partial_path().is_file():
             return None
         path = self._partial_path()
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise MXValueError(f"cannot resume from {path}: not a sensitivity state file ({error})") from None
+            raise ResumeError(f"cannot resume from {path}: not a sensitivity state file ({error})") from None
         _check_same_run(state.get("run"), self.fingerprint, path)
         if state.get("items") != items:
             log.warning("sensitivity: %s holds the state of other work items (another number of ranks?); "
@@ -213,15 +195,15 @@ class VerifiedStore:
             try:
                 data = json.loads(self.path.read_text())
             except (OSError, ValueError) as error:
-                raise MXValueError(f"cannot resume from {self.path}: not a search verification file ({error})") from None
+                raise ResumeError(f"cannot resume from {self.path}: not a search verification file ({error})") from None
             _check_same_run(data.get("run"), self.run, self.path)
             self.entries = data["entries"]
 
     def has(self, toml: str) -> bool:
-        return _digest(toml) in self.entries
+        return digest(toml) in self.entries
 
     def get(self, toml: str) -> dict | NoiseFloor | None:
-        entry = self.entries.get(_digest(toml))
+        entry = self.entries.get(digest(toml))
         if entry is None:
             return None
         return NoiseFloor.from_dict(entry["noise_floor"]) if "noise_floor" in entry else entry["metrics"]
@@ -230,5 +212,5 @@ class VerifiedStore:
         if self.path is None:
             return
         entry = {"noise_floor": measured.to_dict()} if isinstance(measured, NoiseFloor) else {"metrics": measured}
-        self.entries[_digest(toml)] = entry
+        self.entries[digest(toml)] = entry
         _write_json(self.path, json.dumps({"run": self.run, "entries": self.entries}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from mxfx.passes.rotate_attention import RotateAttentionPass
 from mxfx.passes.rotate_experts import RotateExpertsPass
 from mxfx.passes.rotate_linear import RotateLinearPass
 from mxfx.passes.transplant_linears import TransplantLinearsPass
+from mxfx.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ def prepare(
     strict: bool = False,
     dynamic_shapes: Any = "auto",
     calibration: Any = None,
+    progress: Progress = True,
+    gptq_resume: str | Path | None = None,
 ) -> fx.GraphModule:
     """Export `model` and quantize the linear sites its config selects to MX.
 
@@ -91,6 +95,15 @@ def prepare(
             None: static shapes; else torch.export's dynamic_shapes.
         calibration: batches for rules with `weight_rounding = "gptq"` (an iterable of tensors,
             tuples of positional inputs, or dicts with "args"/"kwargs"), run through the graph.
+        progress: GPTQ's progress, per calibration batch then per site: True (a tqdm bar on a
+            terminal, else log lines), False, or a callable progress(done, total, elapsed_s, label)
+            (`mxfx.progress`); the callable may raise (e.g. KeyboardInterrupt) to stop the run.
+        gptq_resume: a directory where GPTQ saves each site's result as soon as it is computed. A
+            prepare given the same directory again (same model, config and calibration batches)
+            loads the saved sites instead of computing them, so an interrupted run resumed repeats
+            at most the site it was in; the unit is the site (a linear, or an expert site with all
+            its experts). Calibration runs again unless every site is saved. A directory written by
+            another run is refused (ResumeError). See `mxfx.recovery.gptq_resume`.
 
     Returns:
         An nn.Module (fx.GraphModule) with the model's call signature and output structure, for
@@ -101,6 +114,7 @@ def prepare(
 
     Raises:
         ConfigError: a bad config. ExportError: torch.export failed (with what to try).
+        ResumeError: `gptq_resume` holds results of another run (the message names the site and what differs).
     """
     if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise MXTypeError(f"prepare takes an nn.Module or an ExportedProgram, got {type(model).__name__}")
@@ -120,7 +134,7 @@ def prepare(
         gm.meta.pop(MXFX_META, None)  # re-preparing a prepared module: start a fresh record
         _detach_parameters(gm)
         wrap_guards(gm)
-        for pass_ in pipeline(config, calibration):
+        for pass_ in pipeline(config, calibration, progress, gptq_resume):
             pass_(gm)
     gm.mxfx_report = _report(gm, config)
     # Kept for mxfx.save, which re-exports the prepared module.
@@ -193,10 +207,13 @@ def setup_class_module(module: fx.GraphModule, prepared: fx.GraphModule, config:
         pass_(module)
 
 
-def pipeline(config: QuantConfig, calibration: Any = None) -> list:
-    """The passes prepare runs, in order (`calibration`: batches for GPTQ sites)."""
+def pipeline(config: QuantConfig, calibration: Any = None, progress: Progress = True,
+             gptq_resume: str | Path | None = None) -> list:
+    """The passes prepare runs, in order (`calibration`: batches for GPTQ sites; `progress` and
+    `gptq_resume`: GPTQ's progress reports and resume directory, see `prepare`)."""
     recovery = [RotateLinearPass(config), RotateExpertsPass(config), RotateAttentionPass(config),
-                GPTQWeightsPass(config, calibration), GPTQExpertsPass(config, calibration)]
+                GPTQWeightsPass(config, calibration, progress, gptq_resume),
+                GPTQExpertsPass(config, calibration, progress, gptq_resume)]
     return [*matching_passes(config), *recovery, InsertQDQPass(config), InsertExpertQDQPass(config), LowerLinearPass(),
             QuantizeAttentionPass(config)]
 
