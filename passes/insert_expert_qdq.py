@@ -45,6 +45,13 @@ def replace_weight(gm: fx.GraphModule, node: fx.Node, product: ExpertProduct, ne
     first.replace_input_with(product.attr, new)
 
 
+def expert_buffer_names(target: str, index: int, storage: str) -> tuple[str, ...]:
+    """The buffers holding the `index`-th quantized stacked weight (`target`): codes and scales
+    ("packed"), or the simulated fp tensor."""
+    stem = f"mxfx_experts{index}_" + target.replace(".", "_")
+    return (f"{stem}_codes", f"{stem}_scales") if storage == "packed" else (f"{stem}_simulated",)
+
+
 class InsertExpertQDQPass(PassBase):
     """Quantize the activation and the stacked weight of each quantized expert site.
 
@@ -99,19 +106,17 @@ class InsertExpertQDQPass(PassBase):
     @staticmethod
     def _quantize(gm: fx.GraphModule, attr: fx.Node, axis: int, spec: MXSpec, storage: str, index: int) -> tuple[str, ...]:
         tensor = attribute(gm, str(attr.target)).detach()
-        stem = f"mxfx_experts{index}_" + str(attr.target).replace(".", "_")
+        names = expert_buffer_names(str(attr.target), index, storage)
         precomputed = attr.meta.get(PRECOMPUTED_META)  # GPTQ's own codes (passes/gptq_experts.py): kept as they are
         if precomputed is not None and storage == "simulated":
-            gm.register_buffer(f"{stem}_simulated", tensor)
-            return (f"{stem}_simulated",)
-        if storage == "packed":
+            gm.register_buffer(names[0], tensor)
+        elif storage == "packed":
             data = precomputed if precomputed is not None else api.quantize(
                 tensor, spec.format, block_size=spec.block_size, axis=axis, scale_mode=spec.scale_mode,
                 rounding=spec.rounding)
-            gm.register_buffer(f"{stem}_codes", data.codes)
-            gm.register_buffer(f"{stem}_scales", data.scales)
-            return f"{stem}_codes", f"{stem}_scales"
-        simulated = api.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=axis,
-                                      scale_mode=spec.scale_mode, rounding=spec.rounding)
-        gm.register_buffer(f"{stem}_simulated", simulated)
-        return (f"{stem}_simulated",)
+            gm.register_buffer(names[0], data.codes)
+            gm.register_buffer(names[1], data.scales)
+        else:
+            gm.register_buffer(names[0], api.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=axis,
+                                                           scale_mode=spec.scale_mode, rounding=spec.rounding))
+        return names

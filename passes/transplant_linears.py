@@ -6,7 +6,7 @@ are the same modules with the same weights, so instead of rotating, GPTQ-roundin
 the weights a second time, each rewritten linear of the prepared graph is copied here: the mxfx
 ops applied to its input (`mxfx.hadamard`, `mxfx.fake_quantize`), then the product itself with its
 constant operands (the prepared module's codes, scales, rotated or simulated weights and bias, the
-same tensor objects: nothing is copied or quantized). Sites are paired by name, in graph order.
+same tensor objects: nothing is copied or quantized). Sites are paired by name, in graph order. Expert sites are `TransplantExpertsPass`'s.
 """
 
 from __future__ import annotations
@@ -70,10 +70,6 @@ class TransplantLinearsPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         fake_mode = fake_mode_of(gm)
-        experts = [site.fqn for site in map(site_of, self.source.graph.nodes)
-                   if site is not None and site.form in EXPERT_FORMS and site.quantized]
-        if experts:
-            raise TransplantError(f"expert sites ({experts[0]}, ...) cannot be copied into a re-exported graph yet")
         theirs, ours = _linear_sites(self.source), _linear_sites(gm)
         counts = ({k: len(v) for k, v in theirs.items()}, {k: len(v) for k, v in ours.items()})
         if counts[0] != counts[1]:

@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from mxfx.passes.transplant_linears import TransplantError
 from zoo_reference import e4m3_fake_quantize, quantized_linears
 
 import mxfx
@@ -579,3 +580,31 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded(*args).logits, prepared(*args).logits)
     rows = {r["site"]: r for r in mxfx.summary(loaded).rows}
     assert rows["model.layers.1.mlp.experts.down_proj"]["kind"] == "linear (4 experts)"
+
+
+@pytest.mark.parametrize("impl,storage", [("grouped_mm", "packed"), ("batched_mm", "simulated")])
+def test_batch_one_reuses_the_quantized_experts(impl, storage, monkeypatch):
+    """A batch-1 call (a shape class Hugging Face masks treat apart: re-exported on first use) runs
+    the experts on the prepared module's own quantized buffers, nothing quantized again, and gives
+    each example's batch-2 logits."""
+    model, (ids,), _ = moe.mixtral(impl)
+    prepared = mxfx.prepare(model, linears_config(storage), (ids,))
+    both = prepared(ids).logits
+    calls = []
+    real = mxfx.numerics.api.quantize
+    monkeypatch.setattr(mxfx.numerics.api, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for row in range(2):
+        assert torch.equal(prepared(ids[row:row + 1]).logits[0], both[row]), row
+    assert not calls
+    one = mxfx.graph.shape_classes.module_for(prepared, (ids[:1],))
+    assert one is not prepared
+    ours = {n: t.data_ptr() for n, t in one.named_buffers() if n.startswith("mxfx_experts")}
+    theirs = {n: t.data_ptr() for n, t in prepared.named_buffers() if n.startswith("mxfx_experts")}
+    assert len(ours) == len(theirs) == (4 if storage == "packed" else 2) * moe.LAYERS and ours == theirs
+
+
+def test_rotated_experts_are_refused_in_a_re_export():
+    model, (ids,), _ = moe.mixtral("grouped_mm")
+    prepared = mxfx.prepare(model, linears_config(rotation="hadamard"), (ids,))
+    with pytest.raises(TransplantError, match="rotated expert sites"):
+        prepared(ids[:1])

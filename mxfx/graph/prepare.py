@@ -39,6 +39,7 @@ from mxfx.passes.report_unquantized import ReportUnquantizedPass
 from mxfx.passes.rotate_attention import RotateAttentionPass
 from mxfx.passes.rotate_experts import RotateExpertsPass
 from mxfx.passes.rotate_linear import RotateLinearPass
+from mxfx.passes.transplant_experts import TransplantExpertsPass
 from mxfx.passes.transplant_linears import TransplantLinearsPass
 from mxfx.progress import Progress
 
@@ -203,7 +204,8 @@ def setup_class_module(module: fx.GraphModule, prepared: fx.GraphModule, config:
     with the ones that compute weights replaced by a copy of their result (nothing quantized twice)."""
     wrap_guards(module)
     _detach_parameters(module)
-    for pass_ in shape_classes.class_pipeline(pipeline(config, calibration=()), TransplantLinearsPass(prepared)):
+    transplants = [TransplantLinearsPass(prepared), TransplantExpertsPass(config, prepared)]
+    for pass_ in shape_classes.class_pipeline(pipeline(config, calibration=()), transplants):
         pass_(module)
 
 

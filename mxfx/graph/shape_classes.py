@@ -31,7 +31,6 @@ import re
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import fx
@@ -195,17 +194,16 @@ def exported(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     return cache[key]
 
 
-def class_pipeline(pipeline: list, transplant: Any) -> list:
-    """prepare's passes (`pipeline`) with the ones that compute linear weights (rotation, GPTQ, Q/DQ
-    insertion, lowering) replaced by `transplant`, which copies their result."""
-    # by name: a pass that computes linear or expert weights (the transplant copies their result)
+def class_pipeline(pipeline: list, transplants: list) -> list:
+    """prepare's passes (`pipeline`) with the ones that compute linear or expert weights (rotation,
+    GPTQ, Q/DQ insertion, lowering) replaced by `transplants`, which copy their result."""
+    # by name: a pass that computes linear or expert weights (the transplants copy their result)
     weight_passes = {"RotateLinearPass", "GPTQWeightsPass", "InsertQDQPass", "LowerLinearPass", "RotateExpertsPass",
                      "GPTQExpertsPass", "InsertExpertQDQPass"}
     passes: list = []
     for pass_ in pipeline:
         if type(pass_).__name__ in weight_passes:
-            if transplant not in passes:
-                passes.append(transplant)
+            passes.extend(t for t in transplants if t not in passes)
         else:
             passes.append(pass_)
     return passes
