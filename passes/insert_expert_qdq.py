@@ -30,8 +30,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.graph.config import MXSpec, QuantConfig
 from mxfx.graph.sites import EXPERT_FORMS, site_of
-from mxfx.numerics import api
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+from mxfx.numerics import slabs  # one slab at a time: bounded temporaries for big stacked weights
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx
@@ -111,12 +111,12 @@ class InsertExpertQDQPass(PassBase):
         if precomputed is not None and storage == "simulated":
             gm.register_buffer(names[0], tensor)
         elif storage == "packed":
-            data = precomputed if precomputed is not None else api.quantize(
+            data = precomputed if precomputed is not None else slabs.quantize(
                 tensor, spec.format, block_size=spec.block_size, axis=axis, scale_mode=spec.scale_mode,
                 rounding=spec.rounding)
             gm.register_buffer(names[0], data.codes)
             gm.register_buffer(names[1], data.scales)
         else:
-            gm.register_buffer(names[0], api.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=axis,
-                                                           scale_mode=spec.scale_mode, rounding=spec.rounding))
+            gm.register_buffer(names[0], slabs.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=axis,
+                                                             scale_mode=spec.scale_mode, rounding=spec.rounding))
         return names

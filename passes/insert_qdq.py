@@ -32,8 +32,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from mxfx.graph.config import MXSpec, QuantConfig
 from mxfx.graph.sites import site_of
-from mxfx.numerics import api
 from mxfx.numerics import ops as _ops  # noqa: F401  (registers the torch.ops.mxfx ops named here)
+from mxfx.numerics import slabs
 
 log = logging.getLogger(__name__)
 mxfx_ops = torch.ops.mxfx
@@ -112,22 +112,23 @@ class InsertQDQPass(PassBase):
     def _quantize_weight(gm: fx.GraphModule, attr: fx.Node, chain: list[fx.Node], spec: MXSpec, storage: str,
                          index: int) -> tuple[str, ...]:
         tensor = gm.get_parameter(attr.target) if _is_parameter(gm, attr.target) else gm.get_buffer(attr.target)
-        # the (out_features, in_features) weight the linear reads, computed once here
-        tensor = evaluate_chain(tensor.detach(), attr, chain).contiguous()
+        # the (out_features, in_features) weight the linear reads: the stored tensor itself, or the
+        # chain of views/casts evaluated on it (quantized a slab at a time either way: `slabs`)
+        tensor = evaluate_chain(tensor.detach(), attr, chain)
         stem = f"mxfx_w{index}_" + str(attr.target).replace(".", "_")
         # GPTQ's own codes (passes/gptq_weights.py), on a fresh get_attr: stored as computed
         precomputed = attr.meta.get(PRECOMPUTED_META) if not chain else None
         if precomputed is not None and storage == "simulated":
-            gm.register_buffer(f"{stem}_simulated", tensor)
+            gm.register_buffer(f"{stem}_simulated", tensor.contiguous())
             return (f"{stem}_simulated",)
         if storage == "packed":
-            data = precomputed if precomputed is not None else api.quantize(
+            data = precomputed if precomputed is not None else slabs.quantize(
                 tensor, spec.format, block_size=spec.block_size, axis=-1, scale_mode=spec.scale_mode, rounding=spec.rounding)
             gm.register_buffer(f"{stem}_codes", data.codes)
             gm.register_buffer(f"{stem}_scales", data.scales)
             return f"{stem}_codes", f"{stem}_scales"
-        simulated = api.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
-                                      scale_mode=spec.scale_mode, rounding=spec.rounding)
+        simulated = slabs.fake_quantize(tensor, spec.format, block_size=spec.block_size, axis=-1,
+                                        scale_mode=spec.scale_mode, rounding=spec.rounding)
         gm.register_buffer(f"{stem}_simulated", simulated)
         return (f"{stem}_simulated",)
 
