@@ -8,7 +8,7 @@ from conftest import FORMAT_NAMES
 from scalar_reference import decode_code, positive_grid
 
 import mxfx
-from mxfx.numerics.reference import decode_elements, encode_elements
+from mxfx.numerics.reference import decode_elements, decode_elements_by_table, encode_elements
 
 SPEC_TABLE = {  # MX_SPEC.md: (max normal, min normal, min subnormal, emax)
     "fp8_e4m3": (448.0, 2.0**-6, 2.0**-9, 8),
@@ -61,6 +61,15 @@ def test_every_code_point_decodes_to_spec_value(name):
             assert math.isnan(g), (name, code)
         else:
             assert g == want and math.copysign(1, g) == math.copysign(1, want), (name, hex(code), g, want)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_eager_table_decode_has_the_bits_of_the_traced_decode(name):
+    fmt = mxfx.get_format(name)
+    codes = torch.arange(2**fmt.bits, dtype=torch.uint8).repeat(3).reshape(3, 1, -1)
+    got = decode_elements_by_table(codes, fmt)
+    assert got.shape == codes.shape and torch.equal(got.view(torch.int32), decode_elements(codes, fmt).view(torch.int32))
+    assert torch.equal(decode_elements_by_table(codes[:, :, :0], fmt), torch.empty(3, 1, 0))
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)

@@ -247,6 +247,26 @@ def decode_elements(codes: Tensor, fmt: ElementFormat) -> Tensor:
     return (value.view(torch.int32) | sign).view(torch.float32)
 
 
+_DECODE_TABLES: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def decode_elements_by_table(codes: Tensor, fmt: ElementFormat) -> Tensor:
+    """`decode_elements` as a lookup in the format's table of 2^bits values (the eager kernels).
+
+    The table is `decode_elements` of every code, so the bits are the same by construction. Eager,
+    the arithmetic form runs ~15 full-size integer ops one after another (a 1536x2304 MXFP8 weight:
+    ~0.9 s on a loaded 2-core machine, against ~0.05 s for the lookup); under Inductor it fuses into
+    its consumer and stays the traced form.
+    """
+    key = (fmt.name, codes.device)
+    table = _DECODE_TABLES.get(key)
+    if table is None:
+        table = decode_elements(torch.arange(1 << fmt.bits, dtype=torch.uint8, device=codes.device), fmt)
+        if type(codes) is torch.Tensor:  # never cache a fake or traced tensor
+            _DECODE_TABLES[key] = table
+    return torch.index_select(table, 0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+
+
 def decode_scales(scales: Tensor) -> Tensor:
     """E8M0 codes (uint8) to fp32 2^(code - 127); 0xFF is NaN (OCP MX v1.0 §5.4.1)."""
     s = scales.to(torch.int32)
@@ -448,9 +468,12 @@ def dequantize_last_axis(
     """Inverse of `quantize_last_axis`: the first `n` values along the last axis, in `dtype`."""
     fmt = get_format(elem_format)
     n_blocks = scales.shape[-1]
-    values = decode_elements(unpack_codes(codes, fmt), fmt)[..., : n_blocks * block_size]
+    decode = decode_elements if hint is not None else decode_elements_by_table  # hint: traced for Inductor
+    values = decode(unpack_codes(codes, fmt), fmt)[..., : n_blocks * block_size]
     values = values.reshape(*values.shape[:-1], n_blocks, block_size)
-    out = values * _per_block(decode_scales(scales), hint).unsqueeze(-1)  # X * P_i, exact in fp32
+    scale = _per_block(decode_scales(scales), hint).unsqueeze(-1)
+    # X * P_i, exact in fp32; eager, in place on the lookup's fresh output (one full-size buffer fewer)
+    out = values * scale if hint is not None else values.mul_(scale)
     out = out.reshape(*out.shape[:-2], n_blocks * block_size)[..., :n]
     if dtype != torch.float32:
         out = _at_dtype_boundary(out, hint)
