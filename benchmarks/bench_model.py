@@ -1,20 +1,27 @@
 """End-to-end latency, first-compile time and weight bytes of transformers under mxfx vs fp32/bf16.
 
     python benchmarks/bench_model.py [--models nanogpt,vit,smollm2] [--dtypes fp32,bf16]
-        [--layers N] [--batch B] [--threads T] [--rounds 5] [--torchao] [--device cpu|cuda]
+        [--layers N] [--batch B] [--threads T] [--rounds 5] [--runs 5] [--torchao] [--device cpu|cuda]
+        [--allocators default,glibc-tunables,jemalloc]
 
 Models (random weights: speed depends on shapes, not values): nanoGPT-style (d=512, 8 heads,
 128 tokens), HF `ViTModel` shaped like ViT-S/16 (d=384, 6 heads, 197 tokens), HF
 `LlamaForCausalLM` shaped like SmolLM2-135M (d=576, 9/3 heads, 256 tokens). `--layers` overrides
 each model's depth (defaults: 6, 12, 30). Every linear but the LM head is quantized.
 
-All variants of a model are compiled first (`compile s`: the first call of `torch.compile`, cold
-Inductor cache: the script runs with a fresh `TORCHINDUCTOR_CACHE_DIR`), then timed interleaved
-(A, B, C, A, B, C, ...) for `--rounds` rounds; `ms` is the minimum, so that the ratios of one
-table are side by side on a noisy machine. Ratios are vs the fp model of the same mode and dtype.
-The variants of a model share one process and one cache, so a kernel compiled for an earlier
-variant (an mxfx shared kernel: `mxfx.kernels`) is reused by a later one and its `compile s` is
-partly warm: cold per-variant compile times come from `profile_compile.py` (one process each).
+The measurement runs `--runs` times per allocator, each in a fresh process (`allocators.py`):
+glibc's default malloc first, since that is what users run, then each tuned allocator as a
+labelled column (the quantized models allocate more fresh buffers than the fp ones, so their
+ratios depend on it). Cells are the median (min-max) over the runs. In one process, all variants
+of a model are compiled first, then timed interleaved (A, B, C, A, B, C, ...) for `--rounds`
+rounds; a run's `ms` is the minimum, so that the ratios of one run are side by side on a noisy
+machine. Ratios are vs the fp model of the same mode and dtype, in the same run.
+
+`compile s` is the first call of `torch.compile` in run 1 of the default allocator, with a cold
+Inductor cache (a fresh `TORCHINDUCTOR_CACHE_DIR`, which the later runs reuse warm). The variants
+of a model share one process and one cache, so a kernel compiled for an earlier variant (an mxfx
+shared kernel: `mxfx.kernels`) is reused by a later one and its `compile s` is partly warm: cold
+per-variant compile times come from `profile_compile.py` (one process each).
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -35,10 +42,11 @@ import mxfx
 from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.testing.models import NanoGPT
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import allocators  # noqa: E402
+
 warnings.filterwarnings("ignore")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Same reason as in bench_quantize.py: reuse freed memory instead of page-faulting fresh mmaps.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 
 
 def linear_config(weight: str, activation, storage: str, attention: bool = False) -> QuantConfig:
@@ -162,45 +170,20 @@ def run_model(name: str, dtype_name: str, args) -> list[list]:
     ms = interleaved_min_ms(fns, inputs, args.rounds)
     rows = []
     for label in [v[0] for v in variants] + [k for k in (*fns, *failed) if k not in {v[0] for v in variants}]:
+        if label not in ms and label not in failed:
+            continue
         compiled = "compiled" in label
-        base = ms.get(f"{dtype_name} {'compiled' if compiled else 'eager'}")
-        if label in failed:
-            rows.append([name, dtype_name, label, "fails", "-", "-", "-", "-", failed[label]])
-            continue
-        if label not in ms:
-            continue
-        base_compile = compile_s.get(f"{dtype_name} compiled")
-        rows.append([
-            name, dtype_name, label, f"{ms[label]:.1f}", f"{ms[label] / base:.2f}x" if base else "-",
-            f"{compile_s[label]:.1f}" if label in compile_s else "-",
-            f"{compile_s[label] / base_compile:.2f}x" if label in compile_s and base_compile else "-",
-            f"{nbytes[label] / fp_bytes:.3f}x" if nbytes.get(label) else "-", "",
-        ])
+        rows.append({
+            "model": name, "dtype": dtype_name, "variant": label, "failed": failed.get(label),
+            "base": f"{dtype_name} {'compiled' if compiled else 'eager'}", "ms": ms.get(label),
+            "compile_s": compile_s.get(label), "bytes_vs_fp": nbytes[label] / fp_bytes if nbytes.get(label) else None,
+        })
     torch._dynamo.reset()
     return rows
 
 
-def main() -> None:
-    env = dict(os.environ)
-    if "--default-malloc" not in sys.argv and env.get("GLIBC_TUNABLES") != MALLOC_TUNABLES:
-        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    if "--warm-cache" not in sys.argv and "MXFX_BENCH_COLD" not in env:
-        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mxfx-bench-inductor-")
-        env["MXFX_BENCH_COLD"] = "1"
-    if env != os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="nanogpt")
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--layers", type=int, default=None, help="override each model's depth")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (there torch.compile inlines every site: no shared kernels)")
-    parser.add_argument("--torchao", action="store_true", help="add torchao's MX inference config (bf16 only)")
-    parser.add_argument("--default-malloc", action="store_true")
-    parser.add_argument("--warm-cache", action="store_true", help="keep the user's Inductor cache (compile s is then not cold)")
-    args = parser.parse_args()
+def child(args) -> None:
+    """One run in this process: every model, dtype and variant; the rows go to the parent as JSON."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.compile(lambda t: t + 1)(torch.ones(2))  # the one-time C++ toolchain warm-up is no model's compile time
@@ -209,12 +192,75 @@ def main() -> None:
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
             rows.extend(run_model(name, dtype_name, args))
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"batch {args.batch}; torch {torch.__version__}, {where}; min of {args.rounds} interleaved "
-          f"rounds; ratios vs the fp model of the same mode (eager/compiled) and dtype; compile s: first call, "
-          f"{'warm' if args.warm_cache else 'cold'} Inductor cache")
-    print(tabulate(rows, headers=["model", "dtype", "variant", "ms", "vs fp", "compile s", "compile vs fp", "weight bytes vs fp", "note"],
-                   tablefmt="github"))
+    where = torch.cuda.get_device_name() if args.device == "cuda" else None
+    allocators.emit({"rows": rows, "where": where})
+
+
+def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list]]:
+    """Headers and rows: per allocator, the ratio vs fp and ms over the runs; compile s of run 1."""
+    labels = list(results)
+    first = results[labels[0]][0]["rows"]
+    headers = ["model", "dtype", "variant"]
+    for i, label in enumerate(labels, 1):
+        headers += [f"vs fp {allocators.short(label, i)}", f"ms {allocators.short(label, i)}"]
+    headers += ["compile s [1], run 1", "compile vs fp [1], run 1", "weight bytes vs fp", "note"]
+    rows = []
+    for index, row in enumerate(first):
+        cells = [row["model"], row["dtype"], row["variant"]]
+        if row["failed"]:
+            rows.append(cells + ["fails", "-"] * len(labels) + ["-", "-", "-", row["failed"]])
+            continue
+        for label in labels:
+            ratios, times = [], []
+            for run in results[label]:
+                this = run["rows"][index]
+                base = next(r for r in run["rows"] if r["model"] == row["model"] and r["dtype"] == row["dtype"]
+                            and r["variant"] == this["base"])
+                if this["ms"] is not None:
+                    times.append(this["ms"])
+                    if base["ms"]:
+                        ratios.append(this["ms"] / base["ms"])
+            cells += [allocators.spread(ratios, suffix="x"), allocators.spread(times, "{:.1f}")]
+        base = next(r for r in first if r["model"] == row["model"] and r["dtype"] == row["dtype"] and r["variant"] == row["base"])
+        cells += [
+            "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}",
+            f"{row['compile_s'] / base['compile_s']:.2f}x" if row["compile_s"] and base["compile_s"] else "-",
+            "-" if row["bytes_vs_fp"] is None else f"{row['bytes_vs_fp']:.3f}x", "",
+        ]
+        rows.append(cells)
+    return headers, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="nanogpt")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--layers", type=int, default=None, help="override each model's depth")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds in each run (ms: their minimum)")
+    parser.add_argument("--runs", type=int, default=5, help="fresh processes per allocator (cells: median (min-max))")
+    parser.add_argument("--allocators", default=None,
+                        help="comma-separated: default, glibc-tunables, jemalloc, tcmalloc, name=/path/lib.so "
+                             "(default: default,glibc-tunables and each of jemalloc/tcmalloc that is installed)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (there torch.compile inlines every site: no shared kernels)")
+    parser.add_argument("--torchao", action="store_true", help="add torchao's MX inference config (bf16 only)")
+    parser.add_argument("--warm-cache", action="store_true", help="keep the user's Inductor cache (compile s is then not cold)")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # run number, in a child
+    args = parser.parse_args()
+    if args.child is not None:
+        return child(args)
+    settings, notes = allocators.allocator_settings(args.allocators or allocators.default_allocators())
+    extra = {} if args.warm_cache else {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="mxfx-bench-inductor-")}
+    load_before = allocators.loadavg()
+    results = allocators.run_children(__file__, sys.argv[1:], settings, args.runs, extra)
+    where = results[next(iter(results))][0]["where"]
+    title = (f"bench_model: batch {args.batch}{'' if where is None else '; ' + where}; min of {args.rounds} interleaved "
+             f"rounds per run; ratios vs the fp model of the same mode (eager/compiled) and dtype, in the same run; "
+             f"compile s: first call, run 1 of [1], {'warm' if args.warm_cache else 'cold'} Inductor cache")
+    print(allocators.header(title, results, args.runs, load_before, notes))
+    headers, rows = table(results)
+    print(tabulate(rows, headers=headers, tablefmt="github"))
 
 
 if __name__ == "__main__":
