@@ -1,4 +1,4 @@
-"""GPTQ-quantize the weights of config-selected linears from calibration data (issue #14).
+"""GPTQ-quantize the weights of config-selected linears from calibration data.
 
 Calibration runs the exported graph (an `fx.Interpreter`) on the batches given to `prepare` and
 records, at each linear site whose rule says `weight_rounding = "gptq"`, the X^T X of the

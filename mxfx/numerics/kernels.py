@@ -1,5 +1,5 @@
 """Shared kernels: under `torch.compile`, the mxfx ops of a model run kernels compiled once per
-kind of site, not once per site (issue #15, first-compile time).
+kind of site, not once per site (first-compile time).
 
 Inlined into the model's graph (the Inductor decompositions of `mxfx.ops`), every quantized site
 is its own generated kernel: Inductor's Python codegen costs some 0.3-0.7 s per fake-quantize and

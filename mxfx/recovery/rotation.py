@@ -1,4 +1,4 @@
-"""Block-Hadamard rotations (accuracy recovery for MX, issue #14) and the op `mxfx::hadamard`.
+"""Block-Hadamard rotations (accuracy recovery for MX) and the op `mxfx::hadamard`.
 
 A rotation by an orthogonal matrix spreads an outlier over its block before MX quantization shares
 one E8M0 scale among the block (OCP MX v1.0 §6.3), so the other elements keep more precision. For
