@@ -116,3 +116,36 @@ def test_int8_0x80_decodes_to_minus_two_and_is_never_produced():
     assert decode_elements(torch.tensor([0x80], dtype=torch.uint8), fmt).item() == -2.0
     codes = encode_elements(torch.linspace(-2.0, 2.0, 4097), fmt, "even")
     assert 0x80 not in codes.tolist()
+
+
+def _fp8_probe_values() -> torch.Tensor:
+    """fp32 values across every binade an FP8 element sees (2^-20 .. 2^20), each binade's grid
+    points, their midpoints (ties) and neighbours one ulp away, random mantissas, signed zeros,
+    the saturation range and ±Inf."""
+    g = torch.Generator().manual_seed(0)
+    exps = torch.arange(-20, 21, dtype=torch.float32)
+    mant = torch.cat([torch.arange(0, 16) / 16, torch.arange(0, 16) / 16 + 1 / 32, torch.rand(64, generator=g)])
+    grid = ((1 + mant)[None, :] * torch.exp2(exps)[:, None]).flatten()
+    ulp = torch.nextafter(grid, torch.full_like(grid, float("inf")))
+    down = torch.nextafter(grid, torch.zeros_like(grid))
+    extra = torch.tensor([0.0, 448.0, 464.0, 465.0, 480.0, 57344.0, 61440.0, 61441.0, 1e30, float("inf")])
+    values = torch.cat([grid, ulp, down, extra])
+    return torch.cat([values, -values])
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_eager_fp8_cast_rounds_and_encodes_as_the_arithmetic(name, monkeypatch):
+    from mxfx.numerics import reference
+
+    fmt = mxfx.get_format(name)
+    x = _fp8_probe_values()
+    assert reference._torch_fp8(fmt, "even", x) is not None  # the cast path is the one under test
+    assert reference._torch_fp8(fmt, "away", x) is None and reference._torch_fp8(mxfx.get_format("fp6_e3m2"), "even", x) is None
+    cast_values, cast_codes = reference.round_elements(x, fmt, "even"), reference.encode_elements(x, fmt, "even")
+    monkeypatch.setattr(reference, "_torch_fp8", lambda *a: None)  # the arithmetic (traced) form
+    want_values, want_codes = reference.round_elements(x, fmt, "even"), reference.encode_elements(x, fmt, "even")
+    assert torch.equal(cast_values.view(torch.int32), want_values.view(torch.int32))
+    assert torch.equal(cast_codes, want_codes)
+    keep = torch.arange(x.numel()) % 3 != 0
+    monkeypatch.undo()
+    assert torch.equal(reference.encode_elements(x, fmt, "even", keep=keep), torch.where(keep, want_codes, 0))

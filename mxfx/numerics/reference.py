@@ -175,12 +175,36 @@ def _round_to_multiples(scaled: Tensor, fmt: ElementFormat, rounding: str, seed:
     return rounded, quantum
 
 
+# torch's own dtypes of the OCP FP8 element formats: the same encodings (E4M3: NaN at S.1111.111,
+# no Inf; E5M2: IEEE-like), and their casts from fp32 round half to even, subnormals included.
+_TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _torch_fp8(fmt: ElementFormat, rounding: str, t: Tensor) -> torch.dtype | None:
+    """torch's fp8 dtype of `fmt` where its cast stands in for the arithmetic rounding: eager CPU
+    data and round-half-even only (the traced form stays the float arithmetic Inductor fuses)."""
+    if rounding != "even" or t.device.type != "cpu" or _compat.is_traced(t):
+        return None
+    return _TORCH_FP8.get(fmt.name)
+
+
+def _saturated_fp8(scaled: Tensor, fmt: ElementFormat, dtype: torch.dtype) -> Tensor:
+    """V/X clamped to ±max normal (§6.3 saturation) and cast to torch's fp8 `dtype` (RNE). The
+    clamp comes first because torch's cast overflows to NaN (E4M3) or Inf (E5M2); clamping before
+    or after rounding gives the same value, as max normal is on the grid and rounding is monotonic."""
+    return scaled.clamp(-fmt.max_normal, fmt.max_normal).to(dtype)
+
+
 def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int = 0) -> Tensor:
     """Round fp32 values V/X to the element format's grid; returns the rounded values (fp32).
 
     Subnormals of the element format included; values beyond ±max normal saturate (§6.3); the
-    sign of zero is kept for float formats.
+    sign of zero is kept for float formats. Eager FP8 with RNE on the CPU: torch's fp8 cast
+    (`_torch_fp8`; the same bits, checked over every fp32 binade in the tests).
     """
+    native = _torch_fp8(fmt, rounding, scaled)
+    if native is not None:
+        return _saturated_fp8(scaled, fmt, native).to(torch.float32)
     rounded, quantum = _round_to_multiples(scaled, fmt, rounding, seed)
     values = (rounded * quantum).clamp(-fmt.max_normal, fmt.max_normal)
     if fmt.is_int:  # two's complement has no -0
@@ -211,6 +235,10 @@ def encode_elements(
     Codes are monotonic in the value, so saturating at max normal (§6.3) is a clamp of the code
     magnitude. INT8 codes are the multiple's two's complement.
     """
+    native = _torch_fp8(fmt, rounding, scaled)
+    if native is not None:  # eager: torch's fp8 cast, whose bytes are the codes (see round_elements)
+        code = _saturated_fp8(scaled, fmt, native).view(torch.uint8)
+        return code if keep is None else torch.where(keep, code, 0)
     rounded, quantum = _round_to_multiples(scaled, fmt, rounding, seed)
     if fmt.is_int:  # the multiple is in [-127, 127]; -0.0 < 0 is False, so it encodes as 0
         code = rounded.clamp(-127, 127)
