@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 import mxfx
 from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.graph.sites import EXPERT_FORMS, LINEAR
@@ -20,20 +18,6 @@ from mxfx.testing import moe
 
 E4M3 = MXSpec("fp8_e4m3")
 EVERYTHING = QuantConfig((Rule(match=".*", weight=E4M3, activation=E4M3, attention=AttentionSpec(E4M3, E4M3, E4M3, E4M3)),))
-
-
-def expected_linear_sites(model: torch.nn.Module) -> set[str]:
-    """nn.Linear modules, routers (a bare 2-D weight applied with F.linear) and stacked expert parameters."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            names.add(name)
-        elif "Router" in type(module).__name__ or (name.endswith("mlp.gate") and hasattr(module, "weight")):
-            names.add(name)
-        for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
-                names.add(f"{name}.{pname}")
-    return names
 
 
 def main(architectures=None) -> None:
@@ -47,7 +31,7 @@ def main(architectures=None) -> None:
                 warnings.simplefilter("ignore")
                 prepared = mxfx.prepare(model, EVERYTHING, args, example_kwargs=kwargs)
             sites = prepared.mxfx_report.sites
-            expected = expected_linear_sites(model)
+            expected = moe.expected_linear_sites(model)
             linear = {s.fqn for s in sites if s.kind == LINEAR}
             found, extra = linear & expected, linear - expected
             experts = [s for s in sites if s.form in EXPERT_FORMS]

@@ -115,20 +115,6 @@ def quantized_linears_but_routers(model):
         yield
 
 
-def expected_linear_sites(model) -> set[str]:
-    """Every linear site the model should have, from its modules: nn.Linear modules, routers (a
-    bare 2-D weight applied with F.linear) and each stacked expert parameter."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            names.add(name)
-        elif "Router" in type(module).__name__ or (name.endswith("mlp.gate") and hasattr(module, "weight")):
-            names.add(name)
-    for name, experts in experts_modules(model).items():
-        names |= {f"{name}.{p}" for p, v in experts.named_parameters(recurse=False) if v.dim() == 3}
-    return names
-
-
 def logits(output):
     return output.logits if hasattr(output, "logits") else output
 
@@ -185,7 +171,7 @@ def moe_case(request):
 def test_every_expert_parameter_is_a_quantized_site(moe_case):
     arch, impl, model, args, kwargs, prepared = moe_case
     sites = {s.fqn: s for s in prepared.mxfx_report.sites if s.kind == "linear"}
-    expected = expected_linear_sites(model)
+    expected = moe.expected_linear_sites(model)
     assert set(sites) == expected, (arch, sorted(set(sites) ^ expected))
     experts = {name for name in expected if name.endswith(("gate_up_proj", "down_proj")) and ".experts." in name}
     assert len(experts) == 2 * sum(1 for _ in experts_modules(model))

@@ -131,5 +131,19 @@ def expert_list(impl: str = "", dtype: torch.dtype = torch.float32):
     return model, (torch.randn(2, SEQ, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype),), {}
 
 
+def expected_linear_sites(model: torch.nn.Module) -> set[str]:
+    """The linear sites a model should have, from its modules and parameters (not from any graph):
+    nn.Linear modules, routers (a bare 2-D weight applied with F.linear) and each stacked 3-D
+    expert parameter."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            names.add(name)
+        elif "Router" in type(module).__name__ or (name.endswith("mlp.gate") and hasattr(module, "weight")):
+            names.add(name)
+        names |= {f"{name}.{p}" for p, v in module.named_parameters(recurse=False) if v.dim() == 3}
+    return names
+
+
 MOE = {"mixtral": mixtral, "gpt_oss": gpt_oss, "qwen3_moe": qwen3_moe, "olmoe": olmoe, "qwen2_moe": qwen2_moe,
        "deepseek_v3": deepseek_v3, "granitemoe": granitemoe, "llama4": llama4}
