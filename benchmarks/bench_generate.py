@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import os
 import time
 import warnings
 
@@ -98,6 +100,11 @@ def main() -> None:
                 seconds = best_time(run, args.rounds)
                 base = seconds if name == "fp32" else base
                 rows.append([batch, name, f"{tokens / seconds:.1f}", f"{seconds / base:.2f}x", f"{first:.1f}"])
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"{datetime.date.today()}, torch {torch.__version__}, glibc malloc (default) unless LD_PRELOAD/GLIBC_TUNABLES "
+          f"are set (here: {os.environ.get('LD_PRELOAD') or os.environ.get('GLIBC_TUNABLES') or 'neither'}), "
+          f"load average {load}")
     print(f"SmolLM2-135M-shaped Llama, {args.layers} layers, prompt {args.prompt}, {args.new} new tokens, "
           f"{torch.get_num_threads()} threads; prepare (fp32 + mxfx, eager) {prepare_s:.0f} s")
     print(tabulate(rows, headers=["batch", "variant", "tok/s", "time vs fp32", "first call s"], tablefmt="github"))
