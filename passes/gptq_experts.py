@@ -126,11 +126,9 @@ class GPTQExpertsPass(PassBase):
         store, records, saved = None, {}, {}
         if self.resume is not None:
             store = GPTQResume(self.resume, run_record(graph_tensors(gm), batches))
-            for node, (site, product, spec) in sites.items():
-                tensor = attribute(gm, str(product.attr.target)).detach()
-                records[node] = site_record("experts", site.fqn, spec, tensor)
-                if (found := store.load(records[node])) is not None:
-                    saved[node] = found
+            records = {node: site_record("experts", site.fqn, spec, attribute(gm, str(product.attr.target)).detach())
+                       for node, (site, product, spec) in sites.items()}
+            saved = store.load_all(records)
             log.info("GPTQ: %d of %d expert sites resumed from %s", len(saved), len(sites), store.path)
         hessians = {}
         if len(saved) < len(sites):  # every site saved: no Hessian is needed

@@ -116,10 +116,9 @@ class GPTQWeightsPass(PassBase):
         store, records, saved = None, {}, {}
         if self.resume is not None:
             store = GPTQResume(self.resume, run_record(graph_tensors(gm), batches))
-            for node, site, weight in sites:
-                records[node] = site_record("linear", site.fqn, site.weight, _weight_of(gm, weight))
-                if (found := store.load(records[node])) is not None:
-                    saved[node] = found
+            records = {node: site_record("linear", site.fqn, site.weight, _weight_of(gm, weight))
+                       for node, site, weight in sites}
+            saved = store.load_all(records)
             log.info("GPTQ: %d of %d sites resumed from %s", len(saved), len(sites), store.path)
         hessians = {}
         if len(saved) < len(sites):  # every site saved: no Hessian is needed

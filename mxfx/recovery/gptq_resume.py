@@ -90,6 +90,11 @@ class GPTQResume:
             self._refuse(file, record, saved_site, differing)
         return saved
 
+    def load_all(self, records: dict) -> dict:
+        """{key: saved result} for the records (`{key: site_record}`) whose site is saved here."""
+        found = {key: self.load(record) for key, record in records.items()}
+        return {key: saved for key, saved in found.items() if saved is not None}
+
     def check_hessian(self, saved: dict, record: dict) -> None:
         """Refuse a saved result whose Hessian digest differs from the one `record` now holds."""
         if saved["site"].get("hessian") != record["hessian"]:
