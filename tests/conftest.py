@@ -34,11 +34,15 @@ def fused_kernels():
         yield
 
 
-@pytest.fixture(params=["shared", "fused"])
-def kernel_path(request):
-    """Run a compiled-vs-eager test through both ways mxfx ops compile (see `mxfx.kernels`)."""
+@pytest.fixture(params=["native", "shared", "fused"])
+def kernel_path(request, monkeypatch):
+    """Run a compiled-vs-eager test through each way mxfx ops run compiled on CPU (`mxfx.numerics.kernels`):
+    "native", the default (the shared ops call the C kernels, as eager does); "shared" and "fused",
+    with the C kernels off, so the Inductor-compiled reference math is compared with the eager reference."""
     import mxfx
 
+    if request.param != "native":
+        monkeypatch.setenv("MXFX_NATIVE_KERNELS", "0")
     with mxfx.fused_kernels() if request.param == "fused" else contextlib.nullcontext():
         yield request.param
 

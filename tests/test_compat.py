@@ -349,6 +349,7 @@ def test_a_shared_kernel_build_failure_runs_eager_math_then_inlines(monkeypatch,
 
     monkeypatch.setattr(kernels, "_KERNELS", {})
     monkeypatch.setattr(_compat, "compile_rows_kernel", _renamed)
+    monkeypatch.setenv("MXFX_NATIVE_KERNELS", "0")  # the Inductor-built shared kernels (test_native: the C ones)
     assert _compat.shared_kernels_enabled()
     inputs = _all_ops_inputs()
     with warnings.catch_warnings(record=True) as caught:

@@ -1,5 +1,9 @@
-"""Shared kernels (`mxfx.kernels`, issue #15): under torch.compile on CPU every site of an op and
-width calls one compiled kernel, bit for bit the eager reference and the inlined (fused) path."""
+"""Shared kernels (`mxfx.numerics.kernels`): under torch.compile on CPU every site of an op and
+width calls one compiled kernel, bit for bit the eager reference and the inlined (fused) path.
+
+These are the Inductor-compiled shared kernels, which run where the native C kernels do not
+(`MXFX_NATIVE_KERNELS=0`, a failed build, the mse scale mode, stochastic rounding): the C kernels
+are off in this module."""
 
 import logging
 import re
@@ -13,6 +17,11 @@ from mxfx._compat import run_and_get_code
 from mxfx.graph.config import AttentionSpec, MXSpec, QuantConfig, Rule
 from mxfx.numerics import kernels
 from mxfx.testing.models import NanoGPT
+
+
+@pytest.fixture(autouse=True)
+def _inductor_shared_kernels(monkeypatch):
+    monkeypatch.setenv("MXFX_NATIVE_KERNELS", "0")
 
 
 def shared_calls(source: str) -> int:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from mxfx.numerics.reference import fake_quantize_last_axis
+from mxfx.numerics.native import fake_quantize_last_axis
 from mxfx.numerics.spec import MXSpec
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from mxfx import _compat
+from mxfx.numerics import native
 from mxfx.numerics.attention import attention_reference, sdpa_layout
 from mxfx.numerics.formats import get_format
 from mxfx.numerics.reference import dequantize_last_axis, fake_quantize_last_axis, packing_group, quantize_last_axis
@@ -214,7 +215,11 @@ def _cpu_op(fn: Callable) -> Callable:
 @_cpu_op
 def shared_fake_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                          seed: int, flush_subnormals: bool) -> Tensor:
-    """`mxfx::fake_quantize` through a shared kernel (see the module docstring)."""
+    """`mxfx::fake_quantize` through a shared kernel (see the module docstring), or the native one."""
+    if native.covers(x, block_size, scale_mode, rounding):
+        out = native.native_fake_quantize(x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding,
+                                          flush_subnormals)
+        return out.movedim(-1, axis).contiguous()
     rows, moved = _rows(x, axis, block_size)
     out = _kernel(_fake_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals), (rows,))
     return out.reshape(moved).movedim(-1, axis).contiguous()
@@ -228,7 +233,10 @@ def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnor
 @_cpu_op
 def shared_quantize(x: Tensor, elem_format: str, block_size: int, axis: int, scale_mode: str, rounding: str,
                     seed: int, flush_subnormals: bool) -> tuple[Tensor, Tensor]:
-    """`mxfx::quantize` through a shared kernel."""
+    """`mxfx::quantize` through a shared kernel, or the native one."""
+    if native.covers(x, block_size, scale_mode, rounding):
+        return native.native_quantize(x.movedim(axis, -1), elem_format, block_size, scale_mode, rounding,
+                                      flush_subnormals)
     rows, moved = _rows(x, axis, block_size, elem_format)
     codes, scales = _kernel(_quantize_2d, (elem_format, block_size, scale_mode, rounding, seed, flush_subnormals),
                             (rows,))
@@ -244,9 +252,12 @@ def _(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnor
 @_cpu_op
 def shared_dequantize(codes: Tensor, scales: Tensor, elem_format: str, block_size: int, axis: int, shape: list[int],
                       dtype: torch.dtype) -> Tensor:
-    """`mxfx::dequantize` through a shared kernel."""
+    """`mxfx::dequantize` through a shared kernel, or the native one."""
     moved = list(shape)
     n = moved.pop(axis)
+    if native.dequantize_covers(codes, scales, dtype):
+        out = native.native_dequantize(codes, scales, elem_format, block_size, n, dtype)
+        return out.movedim(-1, axis % len(shape)).contiguous()
     if _per_block(n, block_size, elem_format):  # one row per block (see `_rows`)
         codes, scales, width = codes.reshape(-1, codes.shape[-1] // scales.shape[-1]), scales.reshape(-1, 1), block_size
     else:

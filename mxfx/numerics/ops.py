@@ -1,7 +1,7 @@
 """The `mxfx` custom ops (torch.library namespace `mxfx`).
 
-Each op's eager kernel is the reference math of `mxfx.numerics`; the same function is registered
-as its Inductor decomposition, so `torch.compile` fuses it into generated kernels while
+Each op's eager kernel is the reference math of `mxfx.numerics` (its quantizers in C on the CPU,
+`mxfx.numerics.native`: the same bits); the reference math is registered as its Inductor decomposition, so `torch.compile` fuses it into generated kernels while
 `torch.export` keeps the op visible by name. Codes and scales cross op boundaries as uint8.
 
 Autograd: `fake_quantize` and `linear` have straight-through estimators (quantization is treated
@@ -21,12 +21,8 @@ from mxfx.errors import MXTypeError
 from mxfx.numerics import kernels
 from mxfx.numerics.attention import attention_reference
 from mxfx.numerics.formats import get_format
-from mxfx.numerics.reference import (
-    dequantize_last_axis,
-    fake_quantize_last_axis,
-    packed_length,
-    quantize_last_axis,
-)
+from mxfx.numerics.native import dequantize_last_axis, fake_quantize_last_axis, quantize_last_axis
+from mxfx.numerics.reference import packed_length
 
 
 def _quantize_impl(x, elem_format, block_size, axis, scale_mode, rounding, seed, flush_subnormals, hint=None):

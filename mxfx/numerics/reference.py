@@ -212,7 +212,7 @@ def round_elements(scaled: Tensor, fmt: ElementFormat, rounding: str, seed: int 
     return values
 
 
-def _max_code_magnitude(fmt: ElementFormat) -> int:
+def max_code_magnitude(fmt: ElementFormat) -> int:
     """The code of +max normal (E4M3: 0x7E, E5M2: 0x7B, fp6: 0x1F, fp4: 0x7, int8: 127)."""
     if fmt.is_int:
         return 127
@@ -246,7 +246,7 @@ def encode_elements(
     else:
         # quantum = 2^(e - mbits) is a normal fp32 number: its exponent field is e - mbits + 127
         exponent = ((quantum.view(torch.int32) >> 23) + (fmt.mbits + fmt.bias - 1 - 127)).to(torch.float32)
-        magnitude = (rounded.abs() + exponent * 2**fmt.mbits).clamp(max=_max_code_magnitude(fmt))
+        magnitude = (rounded.abs() + exponent * 2**fmt.mbits).clamp(max=max_code_magnitude(fmt))
         negative = torch.copysign(torch.ones_like(rounded), rounded) < 0  # -0.0 included
         code = magnitude + torch.where(negative, 2.0 ** (fmt.bits - 1), 0.0)
     if keep is not None:  # before the conversion, so Inductor keeps it in the encoding loop
