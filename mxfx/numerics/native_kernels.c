@@ -174,6 +174,17 @@ static inline void fake_block(float *v, int64_t len, float inverse, float scale,
     }
 }
 
+/* Block b of row r of x (n per row) into v, zero-padded to `block` (a partial block: zeros, which
+ * never change max|V|); returns its length and sets its scale code and whether max|V| is finite. */
+static inline int64_t load_block(const void *x, int dtype, int64_t r, int64_t b, int64_t n, int64_t block,
+                                 int flush, const mx_format *f, int mode, float *v, uint8_t *code, int *finite) {
+    int64_t start = b * block, len = n - start < block ? n - start : block;
+    load_row(x, dtype, r * n + start, len, v, flush);
+    for (int64_t i = len; i < block; i++) v[i] = 0.0f;
+    *code = block_scale(v, block, f, mode, finite);
+    return len;
+}
+
 static void pack_row(const uint8_t *codes, int64_t count, int bits, uint8_t *out) {
     if (bits == 8) {
         memcpy(out, codes, (size_t)count);
@@ -230,11 +241,10 @@ int mxfx_quantize(const void *x, int dtype, int64_t rows, int64_t n, int64_t blo
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 for (int64_t b = 0; b < n_blocks; b++) {
-                    int64_t start = b * block, len = n - start < block ? n - start : block;
-                    load_row(x, dtype, r * n + start, len, v, flush);
-                    for (int64_t i = len; i < block; i++) v[i] = 0.0f; /* a partial block: zeros */
+                    int64_t start = b * block;
                     int finite;
-                    uint8_t code = block_scale(v, block, f, scale_mode, &finite);
+                    uint8_t code;
+                    load_block(x, dtype, r, b, n, block, flush, f, scale_mode, v, &code, &finite);
                     scales[r * n_blocks + b] = code;
                     if (finite) encode_block(v, block, pow2(127 - (int32_t)code), f, rounding, c + start);
                     else memset(c + start, 0, (size_t)block); /* NaN scale: codes 0 (§6.3) */
@@ -263,17 +273,15 @@ int mxfx_fake_quantize(const void *x, int dtype, int64_t rows, int64_t n, int64_
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 for (int64_t b = 0; b < n_blocks; b++) {
-                    int64_t start = b * block, len = n - start < block ? n - start : block;
-                    load_row(x, dtype, r * n + start, len, v, flush);
-                    for (int64_t i = len; i < block; i++) v[i] = 0.0f;
                     int finite;
-                    uint8_t code = block_scale(v, block, f, scale_mode, &finite);
+                    uint8_t code;
+                    int64_t len = load_block(x, dtype, r, b, n, block, flush, f, scale_mode, v, &code, &finite);
                     if (finite) {
                         fake_block(v, len, pow2(127 - (int32_t)code), pow2((int32_t)code - 127), f, rounding);
                     } else { /* the NaN scale, bit for bit (reference.decode_scales) */
                         for (int64_t i = 0; i < len; i++) v[i] = u2f(0x7FC00000u);
                     }
-                    store_row(out, dtype, r * n + start, len, v);
+                    store_row(out, dtype, r * n + b * block, len, v);
                 }
             }
         }
