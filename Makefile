@@ -30,7 +30,8 @@ test: setup
 
 # The plain install a user gets (docs/compatibility.md): a wheel of this checkout installed without
 # extras into a fresh venv (torch 2.13.0 first: the CPU wheel, ~1 min of it), then,
-# from outside the checkout, `import mxfx` must load no Inductor module and the quickstart and the
+# from outside the checkout, `import mxfx` must load no Inductor module, the C quantizers must build
+# from the installed package data (no warning), and the quickstart and the
 # prepare + torch.compile example must run. numpy is not installed there: mxfx must not need it.
 INSTALL_DIR := build/test-install
 test-install:
@@ -42,6 +43,8 @@ test-install:
 	! $(INSTALL_DIR)/venv/bin/python -c "import numpy" 2>/dev/null
 	cd $(INSTALL_DIR) && venv/bin/python -X importtime -c "import mxfx" 2> importtime.txt \
 		&& ! grep "torch._inductor\|torch._dynamo" importtime.txt
+	cd $(INSTALL_DIR) && MXFX_CACHE_DIR=$$(mktemp -d) venv/bin/python -W error::mxfx.MXFXWarning -c \
+		"import torch, mxfx; from mxfx.numerics import native; mxfx.quantize(torch.randn(4, 64), 'fp4_e2m1'); assert native.status() == 'built', native.status()"
 	cd $(INSTALL_DIR) && venv/bin/python $(CURDIR)/examples/quickstart.py
 	cd $(INSTALL_DIR) && TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) venv/bin/python $(CURDIR)/examples/quantize_mlp.py
 
