@@ -164,3 +164,16 @@ def test_a_build_lands_in_the_cache_and_is_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt"))
     monkeypatch.setattr(native, "_STATE", "unbuilt")
     assert bits_equal(native.fake_quantize_last_axis(x, "int8", 32), out)
+
+
+def test_an_unwritable_cache_directory_builds_in_a_temporary_one(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory's parent should be: mkdir fails
+    monkeypatch.setattr(native, "_STATE", "unbuilt")
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setenv("MXFX_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    x = torch.randn(4, 64)
+    assert bits_equal(native.fake_quantize_last_axis(x, "fp4_e2m1", 32), reference.fake_quantize_last_axis(x, "fp4_e2m1", 32))
+    assert native.status() == "built" and list((tmp_path / "tmp").glob("mxfx-*/mxfx_native_*.so"))

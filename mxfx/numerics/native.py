@@ -63,8 +63,12 @@ def _enabled_by_env() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MXFX_CACHE_DIR") or Path.home() / ".cache" / "mxfx")
+def _cache_dirs() -> list[Path]:
+    """Where a build may go: `$MXFX_CACHE_DIR`, else `~/.cache/mxfx`; then a per-user temporary
+    directory, for a home that cannot be written (a read-only or missing home in CI or a container)."""
+    first = os.environ.get("MXFX_CACHE_DIR")
+    home = Path(first) if first else Path.home() / ".cache" / "mxfx"
+    return [home, Path(tempfile.gettempdir()) / f"mxfx-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
 
 
 def _compiler() -> str | None:
@@ -85,11 +89,19 @@ def _build(compiler: str) -> Path:
     digest = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_key().encode()):
         digest.update(part)
-    target = _cache_dir() / f"mxfx_native_{digest.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    name = f"mxfx_native_{digest.hexdigest()[:20]}.so"
+    for directory in _cache_dirs():
+        target = directory / name
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(suffix=".so", dir=directory)
+            break
+        except OSError as error:  # not writable: the next place
+            unwritable = error
+    else:
+        raise unwritable
     os.close(handle)
     try:
         result = subprocess.run([compiler, *_FLAGS, "-o", temporary, str(_SOURCE)], capture_output=True, text=True,
