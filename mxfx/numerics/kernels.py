@@ -20,8 +20,11 @@ arguments, compiled on its first call and reused by every site and every layer:
 - identical calls on one buffer (the query, key and value linears of one activation) run once
   per compiled graph (`_compat.register_deduplicated_fallback`).
 
-The kernels trace the same reference math as eager (`mxfx.numerics`, `mxfx.attention`) with the
-same realize hints, so eager == compiled stays bit for bit (the test suite checks both paths).
+Where the C kernels of `mxfx.numerics.native` cover a call (the default on CPU: every quantizer but
+the `mse` scale mode and stochastic rounding), the shared op runs them, as eager does, and nothing
+is compiled for it. Otherwise the kernels trace the same reference math as eager (`mxfx.numerics`,
+`mxfx.attention`) with the same realize hints, so eager == compiled stays bit for bit (the test
+suite checks each path).
 A kernel is traced to ATen on fake tensors and compiled by Inductor without Dynamo
 (`_compat.compile_rows_kernel`): a call runs no Dynamo frame and checks no guards; what Dynamo
 would guard (dtype, device, the static sizes, rows >= 2, contiguity) is the kernel's key, and a

@@ -1,8 +1,9 @@
 """Reference MX conversion math (OCP MX v1.0 §6.3), written in plain ATen tensor ops.
 
-These functions are the single source of truth: the `mxfx` custom ops run them as their eager
-kernels, and Inductor traces the very same functions as the ops' decompositions, so compiled and
-eager results agree bit for bit.
+These functions are the single source of truth: Inductor traces them as the `mxfx` ops'
+decompositions, and the ops run them as their eager kernels except where the C kernels of
+`mxfx.numerics.native` compute the same bits on the CPU (checked against these functions over
+every code point in tests/test_native.py), so compiled and eager results agree bit for bit.
 
 Why not reuse torchao's `to_mx`: it supports neither INT8, the `ceil`/`rceil` exact exponent for
 fp32 subnormals, other rounding modes, any axis, partial blocks, nor a NaN scale for Inf blocks,
